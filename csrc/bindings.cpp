@@ -1,0 +1,164 @@
+// fastspawn._core: the only file that knows about Python. It converts bytes and ints,
+// releases the GIL around every wait, and turns std::system_error into OSError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <system_error>
+#include <tuple>
+#include <vector>
+
+#include "group.hpp"
+#include "launch.hpp"
+
+namespace py = pybind11;
+using fastspawn::Chunk;
+using fastspawn::ExitInfo;
+using fastspawn::Group;
+
+namespace {
+
+// Shared, immutable bytes handed to the engine once and sent to many children.
+struct PyChunk {
+    Chunk data;
+};
+
+// On EINTR inside a wait: run Python's signal handlers. A raised exception (e.g.
+// KeyboardInterrupt) ends the wait and is re-raised once the GIL is back.
+struct SignalCheck {
+    bool raised = false;
+    bool operator()() {
+        py::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0) {
+            raised = true;
+            return true;
+        }
+        return false;
+    }
+};
+
+py::list to_python(std::vector<ExitInfo>&& exits) {
+    py::list out;
+    for (auto& e : exits)
+        out.append(py::make_tuple(e.rank, e.pid, e.exitcode, py::bytes(e.output)));
+    return out;
+}
+
+double to_timeout(const py::object& timeout) {
+    if (timeout.is_none()) return -1.0;
+    return timeout.cast<double>();
+}
+
+template <typename Fn>
+py::list interruptible(Fn&& fn) {
+    SignalCheck check;
+    std::vector<ExitInfo> exits;
+    {
+        py::gil_scoped_release nogil;
+        exits = fn([&check] { return check(); });
+    }
+    if (check.raised) throw py::error_already_set();
+    return to_python(std::move(exits));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "fastspawn's native process engine (internal; use the fastspawn package).";
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const std::system_error& e) {
+            py::object err = py::reinterpret_steal<py::object>(
+                PyObject_CallFunction(PyExc_OSError, "is", e.code().value(), e.what()));
+            if (err) PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+        }
+    });
+
+    m.attr("PARENT_DEATH_SIGNAL") = fastspawn::kParentDeathSignal;
+    m.def("pidfd_supported", &fastspawn::pidfd_supported,
+          "Whether this kernel lets the engine watch children through pidfds.");
+    m.def(
+        "arm_parent_death",
+        [](int owner) { return fastspawn::arm_parent_death(static_cast<pid_t>(owner)); },
+        py::arg("owner"),
+        "In an exec'd child: die (with everything in its process group) when `owner` dies. "
+        "Returns False if `owner` is already gone.");
+
+    py::class_<PyChunk>(m, "Chunk", "Immutable bytes shared by the engine and many children.")
+        .def(py::init([](const py::bytes& b) {
+                 char* buf = nullptr;
+                 Py_ssize_t len = 0;
+                 if (PyBytes_AsStringAndSize(b.ptr(), &buf, &len) != 0) throw py::error_already_set();
+                 return PyChunk{std::make_shared<const std::string>(buf, static_cast<std::size_t>(len))};
+             }),
+             py::arg("data"))
+        .def("__len__", [](const PyChunk& c) { return c.data->size(); });
+
+    py::class_<Group>(m, "Group", "The children of one call: started, watched, stopped, reaped.")
+        .def(py::init<int, bool>(), py::arg("nprocs"), py::arg("use_pidfd") = true)
+        .def_property_readonly("size", &Group::size)
+        .def_property_readonly("watch_mode", &Group::watch_mode)
+        .def(
+            "start_exec",
+            [](Group& g, int rank, const std::string& exe, const std::vector<std::string>& argv,
+               const std::vector<int>& pass_fds, const std::vector<PyChunk>& input) {
+                std::vector<Chunk> chunks;
+                chunks.reserve(input.size());
+                for (const auto& c : input) chunks.push_back(c.data);
+                g.start_exec(rank, exe, argv, pass_fds, std::move(chunks));
+            },
+            py::arg("rank"), py::arg("exe"), py::arg("argv"), py::arg("pass_fds"), py::arg("input"),
+            "Start `rank` as `exe argv... CONTROL_FD RESULT_FD OWNER_PID` and send it `input`.")
+        .def(
+            "start_fork",
+            [](Group& g, int rank) {
+                int control = -1;
+                int result = -1;
+                PyOS_BeforeFork();
+                pid_t pid;
+                try {
+                    pid = g.start_fork(rank, control, result);
+                } catch (...) {
+                    PyOS_AfterFork_Parent();
+                    throw;
+                }
+                if (pid == 0)
+                    PyOS_AfterFork_Child();
+                else
+                    PyOS_AfterFork_Parent();
+                return py::make_tuple(pid, control, result);
+            },
+            py::arg("rank"),
+            "Fork the caller for `rank`: (pid, -1, -1) in the parent, "
+            "(0, control_fd, result_fd) in the child.")
+        .def(
+            "wait",
+            [](Group& g, const py::object& timeout, bool all) {
+                const double t = to_timeout(timeout);
+                return interruptible([&](const fastspawn::InterruptCheck& check) {
+                    return g.wait(t, all, check);
+                });
+            },
+            py::arg("timeout") = py::none(), py::arg("all") = false,
+            "Block (GIL released) until a child not reported yet exits, or all with all=True, "
+            "or the timeout. Returns [(rank, pid, exitcode, output_bytes)].")
+        .def(
+            "stop",
+            [](Group& g, double grace) {
+                return interruptible([&](const fastspawn::InterruptCheck&) {
+                    return g.stop(grace, nullptr);
+                });
+            },
+            py::arg("grace"),
+            "SIGTERM every live child, wait up to `grace` s, SIGKILL their process groups, reap.")
+        .def("send_signal", &Group::send_signal, py::arg("rank"), py::arg("sig"),
+             py::arg("group") = false)
+        .def("pid", &Group::pid, py::arg("rank"))
+        .def("running", &Group::running, py::arg("rank"))
+        .def("sentinel", &Group::sentinel, py::arg("rank"));
+}

@@ -1,0 +1,99 @@
+// Group: the N children of one call. It owns them: it watches them (one epoll set over
+// pidfds and result pipes), stops them, reaps them, and destroying it ends them.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <sys/types.h>
+
+#include "fd.hpp"
+#include "launch.hpp"
+
+namespace fastspawn {
+
+// What a child left behind: how it ended and every byte it wrote to its result pipe.
+struct ExitInfo {
+    int rank = -1;
+    pid_t pid = -1;
+    int exitcode = 0;  // multiprocessing convention: >= 0 exit status, < 0 killed by -signal
+    std::string output;
+};
+
+using Chunk = std::shared_ptr<const std::string>;
+
+// Called when a wait was interrupted by a signal; returning true ends the wait early.
+using InterruptCheck = std::function<bool()>;
+
+class Group {
+public:
+    // use_pidfd=false forces the thread watcher (also used when the kernel has no pidfd).
+    Group(int nprocs, bool use_pidfd);
+    ~Group();
+    Group(const Group&) = delete;
+    Group& operator=(const Group&) = delete;
+
+    int size() const noexcept { return static_cast<int>(slots_.size()); }
+    const char* watch_mode() const noexcept { return use_pidfd_ ? "pidfd" : "thread"; }
+
+    // Starts `rank` as `exe argv... CONTROL_FD RESULT_FD OWNER_PID`, with `pass_fds` and
+    // those two fds inherited at their numbers, then sends `input` on the control pipe.
+    void start_exec(int rank, const std::string& exe, const std::vector<std::string>& argv,
+                    const std::vector<int>& pass_fds, std::vector<Chunk> input);
+
+    // Forks the caller for `rank`. In the parent returns the pid. In the child returns 0
+    // and sets `control_fd`/`result_fd` (the child owns them); the group is then inert there.
+    pid_t start_fork(int rank, int& control_fd, int& result_fd);
+
+    // Waits until a not-yet-reported child has exited (or every child, with `all`),
+    // or `timeout` seconds pass (< 0: no limit). Returns the exits not reported before.
+    std::vector<ExitInfo> wait(double timeout, bool all, const InterruptCheck& interrupted);
+
+    // Sends `sig` to `rank` (to its whole process group with `group`) unless already
+    // reaped. Returns whether it was sent.
+    bool send_signal(int rank, int sig, bool group = false);
+
+    // SIGTERM to every live child, up to `grace` seconds, then SIGKILL to their process
+    // groups; reaps all. Returns the exits not reported before.
+    std::vector<ExitInfo> stop(double grace, const InterruptCheck& interrupted);
+
+    pid_t pid(int rank) const;
+    bool running(int rank) const;  // started and not reaped (as of the last wait)
+    int sentinel(int rank) const;  // readable once the child has exited
+
+    // After fork in a child: drop every parent-side descriptor, never signal anyone.
+    void abandon_after_fork() noexcept;
+
+private:
+    struct Watcher;
+    struct Writer;
+    struct Slot {
+        pid_t pid = -1;
+        Fd exit_fd;  // pidfd, or eventfd set by a watcher thread
+        Fd result;   // read end, non-blocking
+        Fd control;  // write end; kept open as the child's parent-alive sentinel
+        std::string output;
+        bool reaped = false;
+        bool reported = false;
+        int exitcode = 0;
+    };
+
+    Slot& slot(int rank);
+    const Slot& slot(int rank) const;
+    void attach(int rank, pid_t pid, Fd result);
+    void reap(int rank);
+    void drain_result(Slot& s, bool final);
+    std::vector<ExitInfo> collect(bool all, bool& done);
+    void send_input(int rank, std::vector<Chunk> input);
+
+    std::vector<Slot> slots_;
+    Fd epoll_;
+    pid_t owner_;
+    bool use_pidfd_;
+    bool stopping_ = false;
+    bool abandoned_ = false;
+};
+
+}  // namespace fastspawn

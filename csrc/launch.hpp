@@ -1,0 +1,46 @@
+// Creating one child: a fork of the caller, or a fresh program started with
+// clone(CLONE_VM | CLONE_VFORK) + execve. Also the child-side guard that makes every
+// child (and what it starts) die with the process that created it.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <signal.h>
+#include <sys/types.h>
+
+#include "fd.hpp"
+
+namespace fastspawn {
+
+// The parent-death signal. Its default action is "ignore", so before a child has
+// installed its handler (see arm_parent_death) the signal is harmless; the handler
+// then decides whether the owner process really died (see launch.cpp).
+constexpr int kParentDeathSignal = SIGURG;
+
+struct ExecPlan {
+    std::string exe;                // path of the program (no PATH search)
+    std::vector<std::string> argv;  // argv[0] included
+    std::vector<int> keep_fds;      // inherited at the same numbers; everything else >= 3 is closed
+    pid_t owner = 0;                // the process whose death must kill the child
+};
+
+// Starts `plan` in a new process group led by the child. Returns the child's pid.
+// Throws std::system_error if the program could not be executed (errno of execve).
+pid_t exec_child(const ExecPlan& plan);
+
+// fork()s the calling process. In the child (return value 0) the guard is already
+// armed: own process group, parent-death signal, owner checked. Throws on failure.
+pid_t fork_child(pid_t owner);
+
+// For a process that was exec'd by exec_child: installs the handler behind the
+// parent-death signal. Returns false when `owner` is already gone.
+bool arm_parent_death(pid_t owner) noexcept;
+
+// A pidfd for `pid`, or an empty Fd when the kernel has none (ENOSYS) or refuses it.
+Fd open_pidfd(pid_t pid) noexcept;
+
+// Whether pidfd_open works in this process (tried once).
+bool pidfd_supported() noexcept;
+
+}  // namespace fastspawn

@@ -1,0 +1,30 @@
+"""fastspawn: start worker processes fast. A drop-in for torch.multiprocessing.spawn.
+
+    import fastspawn
+    fastspawn.spawn(fn, args=(world_size,), nprocs=4)   # fn(i, *args) in 4 processes
+"""
+
+from ._api import (
+    ENV_VAR_PARALLEL_START,
+    ProcessContext,
+    SpawnContext,
+    SpawnedProcess,
+    spawn,
+    start_processes,
+)
+from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENV_VAR_PARALLEL_START",
+    "ProcessContext",
+    "ProcessException",
+    "ProcessExitedException",
+    "ProcessRaisedException",
+    "SpawnContext",
+    "SpawnedProcess",
+    "__version__",
+    "spawn",
+    "start_processes",
+]

@@ -1,0 +1,426 @@
+"""spawn, start_processes and ProcessContext with torch.multiprocessing's semantics."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import operator
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from multiprocessing import resource_tracker
+from multiprocessing import spawn as mp_spawn
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import _child, _core, _payload
+from ._errors import ProcessExitedException, ProcessRaisedException
+
+__all__ = ["ENV_VAR_PARALLEL_START", "ProcessContext", "SpawnContext", "start_processes", "spawn"]
+
+ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
+
+log = logging.getLogger(__name__)
+
+START_METHODS = ("spawn", "fork", "forkserver")
+
+# Seconds a child gets to exit after SIGINT (Ctrl-C during join) or SIGTERM (a context
+# collected while running, interpreter exit with daemon children) before SIGKILL.
+_SHUTDOWN_GRACE = 3.0
+
+
+def _use_pidfd() -> bool:
+    return os.environ.get("FASTSPAWN_PIDFD", "1") != "0"
+
+
+class _Run:
+    """Parent-side state of one call: the engine group and what its children reported."""
+
+    def __init__(self, nprocs: int, daemon: bool) -> None:
+        self.group = _core.Group(nprocs, _use_pidfd())
+        self.daemon = daemon
+        self.exitcodes: List[Optional[int]] = [None] * nprocs
+        self.outputs: List[bytes] = [b""] * nprocs
+        self.exit_order: List[int] = []
+        self._lock = threading.RLock()
+        self._finalizer = weakref.finalize(self, _collect_group, self.group)
+        self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
+        _live_runs.add(self)
+
+    def _absorb(self, exits: List[Any]) -> None:
+        for rank, _pid, code, output in exits:
+            self.exitcodes[rank] = code
+            self.outputs[rank] = output
+            self.exit_order.append(rank)
+
+    def poll(self) -> None:
+        with self._lock:
+            self._absorb(self.group.wait(0.0, False))
+
+    def wait_any(self, timeout: Optional[float]) -> None:
+        """Until some child exits that was not seen before, or the timeout."""
+        with self._lock:
+            self._absorb(self.group.wait(timeout, False))
+
+    def wait_all(self, timeout: Optional[float]) -> None:
+        with self._lock:
+            self._absorb(self.group.wait(timeout, True))
+
+    def wait_rank(self, rank: int, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while self.exitcodes[rank] is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.wait_any(left)
+            if left == 0.0:
+                break
+
+    def stop(self, grace: float) -> None:
+        with self._lock:
+            self._absorb(self.group.stop(grace))
+
+    def interrupt(self) -> None:
+        """Ctrl-C in the parent: children get SIGINT as from a terminal, then are stopped."""
+        for rank in range(self.group.size):
+            self.group.send_signal(rank, signal.SIGINT)
+        self.wait_all(_SHUTDOWN_GRACE)
+        self.stop(_SHUTDOWN_GRACE)
+
+    def running(self) -> int:
+        return sum(1 for rank in range(self.group.size) if self.group.running(rank))
+
+
+def _collect_group(group: Any) -> None:
+    """Finalizer of a run nobody references any more: end and reap its children."""
+    running = sum(1 for rank in range(group.size) if group.running(rank))
+    if running:
+        warnings.warn(
+            f"fastspawn: a ProcessContext with {running} running process(es) was garbage "
+            "collected; terminating them",
+            ResourceWarning,
+            stacklevel=2,
+        )
+    group.stop(_SHUTDOWN_GRACE)
+
+
+_live_runs: "weakref.WeakSet[_Run]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    # As multiprocessing does at exit: daemonic children are terminated, the others joined.
+    for run in list(_live_runs):
+        try:
+            if run.daemon:
+                run.stop(_SHUTDOWN_GRACE)
+            else:
+                run.wait_all(None)
+        except BaseException:  # Ctrl-C while waiting at exit: stop them all
+            run.stop(0.0)
+            raise
+
+
+atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_live_runs.clear)  # a fork's children are not its own
+
+
+class SpawnedProcess:
+    """One child, with the parts of ``multiprocessing.Process`` users touch."""
+
+    def __init__(self, run: _Run, rank: int, name: str, daemon: bool) -> None:
+        self._run = run
+        self._rank = rank
+        self._name = name
+        self._daemon = daemon
+
+    @property
+    def name(self) -> str:
+        """Same naming as multiprocessing (e.g. ``SpawnProcess-1``)."""
+        return self._name
+
+    @property
+    def daemon(self) -> bool:
+        """The daemon flag given to start_processes."""
+        return self._daemon
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return int(self._run.group.pid(self._rank))
+
+    ident = pid
+
+    @property
+    def sentinel(self) -> int:
+        """A file descriptor that becomes readable when the child has exited."""
+        return int(self._run.group.sentinel(self._rank))
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        """None while running; the exit status; or -N when killed by signal N."""
+        if self._run.exitcodes[self._rank] is None:
+            self._run.poll()
+        return self._run.exitcodes[self._rank]
+
+    def is_alive(self) -> bool:
+        """Whether the child is still running."""
+        return self.exitcode is None
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Wait until the child exits, or ``timeout`` seconds."""
+        self._run.wait_rank(self._rank, timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (nothing if it has already exited)."""
+        self._run.group.send_signal(self._rank, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send SIGKILL (nothing if it has already exited)."""
+        self._run.group.send_signal(self._rank, signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        code = self._run.exitcodes[self._rank]
+        status = "started" if code is None else f"stopped exitcode={code}"
+        daemon = " daemon" if self._daemon else ""
+        return f"<{type(self).__name__} name={self._name!r} pid={self.pid} {status}{daemon}>"
+
+
+class ProcessContext:
+    """The processes of one start_processes call; ``join`` waits for and checks them."""
+
+    def __init__(self, processes: Sequence[SpawnedProcess], error_files: Sequence[Any]) -> None:
+        self.error_files = list(error_files)
+        self.processes = list(processes)
+        self.sentinels: Dict[int, int] = {p.sentinel: i for i, p in enumerate(self.processes)}
+        self._unjoined = set(range(len(self.processes)))
+        self._run: Optional[_Run] = self.processes[0]._run if self.processes else None
+
+    def pids(self) -> List[int]:
+        """The children's pids, by rank."""
+        return [int(p.pid) for p in self.processes]
+
+    def _forget(self, index: int) -> None:
+        self._unjoined.discard(index)
+        for sentinel, i in list(self.sentinels.items()):
+            if i == index:
+                del self.sentinels[sentinel]
+
+    def join(self, timeout: Optional[float] = None, grace_period: Optional[float] = None) -> bool:
+        """Wait for children to exit; raise if one failed.
+
+        Returns True once every child has exited successfully, False if ``timeout``
+        passed first. When a child fails, the others get ``grace_period`` seconds to
+        exit, then SIGTERM, then (after another grace period, 30 s by default) SIGKILL,
+        and the failure is raised as ProcessRaisedException or ProcessExitedException.
+        """
+        if not self._unjoined:
+            return True
+        run = self._run
+        assert run is not None
+        try:
+            if not any(run.exitcodes[i] is not None for i in self._unjoined):
+                run.wait_any(timeout)
+        except BaseException:
+            run.interrupt()
+            raise
+
+        error_index = None
+        for index in run.exit_order:
+            if index not in self._unjoined:
+                continue
+            self._forget(index)
+            if run.exitcodes[index] != 0:
+                error_index = index
+                break
+        if error_index is None:
+            return not self._unjoined
+
+        try:
+            self._shut_down(run, grace_period)
+        except BaseException:
+            run.interrupt()
+            raise
+        self._raise_failure(run, error_index)
+
+    def _shut_down(self, run: _Run, grace_period: Optional[float]) -> None:
+        if grace_period is not None:
+            run.wait_all(grace_period)
+        for process in self.processes:
+            if process.is_alive():
+                log.warning("Terminating process %s via signal SIGTERM", process.pid)
+                process.terminate()
+        run.wait_all(30 if grace_period is None else grace_period)
+        for process in self.processes:
+            if process.is_alive():
+                log.warning(
+                    "Unable to shutdown process %s via SIGTERM , forcefully exiting via SIGKILL",
+                    process.pid,
+                )
+                run.group.send_signal(process._rank, signal.SIGKILL, True)
+        run.stop(0.0)  # reaps everything; SIGKILLs what the children left behind
+
+    def _raise_failure(self, run: _Run, error_index: int) -> None:
+        pid = self.processes[error_index].pid
+        record = _payload.decode(run.outputs[error_index])
+        if record is not None and record.kind == "error":
+            msg = f"\n\n-- Process {error_index:d} terminated with the following error:\n"
+            msg += record.traceback
+            raise ProcessRaisedException(msg, error_index, pid) from record.exception
+        exitcode = run.exitcodes[error_index]
+        assert exitcode is not None
+        if exitcode < 0:
+            try:
+                name = signal.Signals(-exitcode).name
+            except ValueError:
+                name = f"<Unknown signal {-exitcode}>"
+            raise ProcessExitedException(
+                f"process {error_index:d} terminated with signal {name}",
+                error_index=error_index,
+                error_pid=pid,
+                exit_code=exitcode,
+                signal_name=name,
+            )
+        raise ProcessExitedException(
+            f"process {error_index:d} terminated with exit code {exitcode:d}",
+            error_index=error_index,
+            error_pid=pid,
+            exit_code=exitcode,
+        )
+
+
+class SpawnContext(ProcessContext):
+    """Old name of :class:`ProcessContext` (warns, as torch does)."""
+
+    def __init__(self, processes: Sequence[SpawnedProcess], error_files: Sequence[Any]) -> None:
+        warnings.warn("SpawnContext is renamed to ProcessContext since 1.4 release.", stacklevel=2)
+        super().__init__(processes, error_files)
+
+
+def _check_arguments(fn: Any, args: Any, nprocs: Any, start_method: Any) -> int:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__!r} object: {fn!r}")
+    try:
+        count = operator.index(nprocs)
+    except TypeError:
+        raise TypeError(f"nprocs must be an int, got {type(nprocs).__name__!r}: {nprocs!r}") from None
+    if isinstance(nprocs, bool):
+        raise TypeError(f"nprocs must be an int, got bool: {nprocs!r}")
+    if count < 0:
+        raise ValueError(f"nprocs must be >= 0, got {count}")
+    if start_method not in START_METHODS:
+        raise ValueError(
+            f"start_method must be one of {', '.join(map(repr, START_METHODS))}; got {start_method!r}"
+        )
+    try:
+        iter(args)
+    except TypeError:
+        raise TypeError(f"args must be a tuple, got {type(args).__name__!r}: {args!r}") from None
+    return count
+
+
+def _launch(fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, start_method: str) -> ProcessContext:
+    mp_ctx = multiprocessing.get_context(start_method)
+    # Process objects are never started: they give each child multiprocessing's name and
+    # identity, exactly as torch's children get them.
+    templates = [mp_ctx.Process(daemon=daemon) for _ in range(nprocs)]  # type: ignore[attr-defined]
+    me = multiprocessing.current_process()
+    specs = [
+        _child.ChildSpec(
+            rank=i,
+            name=t.name,
+            identity=t._identity,
+            daemon=daemon,
+            start_method=start_method,
+            parent_pid=os.getpid(),
+            parent_name=me.name,
+            tracker_fd=None,
+        )
+        for i, t in enumerate(templates)
+    ]
+    if start_method == "fork":
+        run = _Run(nprocs, daemon)
+        try:
+            for spec in specs:
+                pid, control_fd, result_fd = run.group.start_fork(spec.rank)
+                if pid == 0:
+                    _child.run_forked(spec, fn, args, control_fd, result_fd)
+        except BaseException:
+            run.stop(0.0)
+            raise
+    else:
+        payload, pass_fds = _payload.dumps_call(fn, args)
+        preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
+        tracker_fd = resource_tracker.getfd() if nprocs else None
+        shared = [
+            _core.Chunk(_payload.frame(_payload.dumps_preparation(preparation))),
+            _core.Chunk(_payload.frame(payload)),
+        ]
+        argv = [mp_spawn.get_executable(), *subprocess._args_from_interpreter_flags(), "-c", _child.BOOTSTRAP]  # type: ignore[attr-defined]
+        run = _Run(nprocs, daemon)
+        try:
+            for spec in specs:
+                spec = spec._replace(tracker_fd=tracker_fd)
+                head = _core.Chunk(_payload.frame(pickle.dumps(tuple(spec), pickle.HIGHEST_PROTOCOL)))
+                fds = pass_fds + ([tracker_fd] if tracker_fd is not None else [])
+                run.group.start_exec(spec.rank, argv[0], argv, fds, [head, *shared])
+        except BaseException:
+            run.stop(0.0)
+            raise
+    log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
+    processes = [SpawnedProcess(run, i, t.name, daemon) for i, t in enumerate(templates)]
+    return ProcessContext(processes, [None] * nprocs)
+
+
+def start_processes(
+    fn: Callable[..., Any],
+    args: tuple = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> Optional[ProcessContext]:
+    """Run ``fn(i, *args)`` in ``nprocs`` processes, ``i`` being the rank 0..nprocs-1.
+
+    Same contract as ``torch.multiprocessing.start_processes``: with ``join=True``,
+    returns None once all children exited successfully and raises
+    ProcessRaisedException / ProcessExitedException as soon as one fails (the others are
+    terminated); with ``join=False``, returns the :class:`ProcessContext`.
+    ``start_method`` is "spawn" (a fresh interpreter per child), "forkserver" (same,
+    for now) or "fork" (a fork of the caller).
+    """
+    count = _check_arguments(fn, args, nprocs, start_method)
+    if start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1":
+        log.info("Starting processes in parallel.")
+    context = _launch(fn, tuple(args), count, bool(daemon), start_method)
+    if not join:
+        return context
+    while not context.join():
+        pass
+    return None
+
+
+def spawn(
+    fn: Callable[..., Any],
+    args: tuple = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> Optional[ProcessContext]:
+    """Run ``fn(i, *args)`` in ``nprocs`` fresh processes (start method spawn).
+
+    Same contract as ``torch.multiprocessing.spawn``. Any other ``start_method`` gives a
+    FutureWarning and is ignored; use :func:`start_processes` for fork.
+    """
+    if start_method != "spawn":
+        msg = (
+            f"This method only supports start_method=spawn (got: {start_method}).\n"
+            "To use a different start_method use:\n\t\t"
+            " torch.multiprocessing.start_processes(...)"
+        )
+        warnings.warn(msg, FutureWarning, stacklevel=2)
+    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn")

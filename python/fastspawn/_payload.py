@@ -1,0 +1,163 @@
+"""What crosses between parent and children: framing, the pickled call, result records.
+
+The engine only moves bytes. Everything here is plain Python so that both sides (the
+parent in ``_api`` and the child in ``_child``) share one definition of the format.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from multiprocessing import context as mp_context
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, BinaryIO, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+_LEN = struct.Struct("<Q")
+
+
+def frame(data: bytes) -> bytes:
+    """Prefix ``data`` with its length (8 bytes, little endian)."""
+    return _LEN.pack(len(data)) + data
+
+
+def read_frame(stream: BinaryIO) -> bytes:
+    """Read one frame written by :func:`frame`; EOFError if the stream ends early."""
+    head = stream.read(_LEN.size)
+    if len(head) != _LEN.size:
+        raise EOFError("fastspawn: control pipe closed before the payload arrived")
+    (size,) = _LEN.unpack(head)
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("fastspawn: control pipe closed in the middle of the payload")
+    return data
+
+
+class _DupFd:
+    """An fd the child inherits at the same number (what ``DupFd`` reducers return)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class SpawningPopen:
+    """Stands in for multiprocessing's Popen while pickling for a fresh interpreter.
+
+    multiprocessing objects (Queue, Lock, Connection, torch shared tensors, ...) only
+    pickle inside a "spawning" context, and hand over file descriptors through
+    ``duplicate_for_child``: we collect those and the engine passes them to every child.
+    """
+
+    method = "spawn"
+    DupFd = _DupFd
+
+    def __init__(self) -> None:
+        self.fds: List[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def _explain(exc: BaseException, where: str) -> BaseException:
+    """Same exception type, message extended with the object that failed to pickle."""
+    message = f"{exc} (while pickling {where} for the child processes)"
+    try:
+        return type(exc)(message)
+    except Exception:
+        return exc
+
+
+def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[bytes, List[int]]:
+    """Pickle ``(fn, args)`` as spawn does. Returns the bytes and the fds to pass on.
+
+    On failure raises the pickler's own exception type, naming ``fn`` or ``args[i]``.
+    """
+    popen = SpawningPopen()
+    mp_context.set_spawning_popen(popen)
+    try:
+        try:
+            return _dumps((fn, tuple(args))), popen.fds
+        except Exception as exc:
+            culprit = _find_unpicklable(fn, args)
+            if culprit is None:
+                raise
+            raise _explain(exc, culprit) from exc
+    finally:
+        mp_context.set_spawning_popen(None)
+
+
+def dumps_preparation(data: Any) -> bytes:
+    """Pickle multiprocessing's preparation data (it holds the authkey: spawning only)."""
+    mp_context.set_spawning_popen(SpawningPopen())
+    try:
+        return _dumps(data)
+    finally:
+        mp_context.set_spawning_popen(None)
+
+
+def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[str]:
+    candidates = [(f"fn={fn!r}", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
+    for label, obj in candidates:
+        try:
+            _dumps(obj)
+        except Exception:
+            return label
+    return None
+
+
+# ----------------------------------------------------------------- result records
+class Record(NamedTuple):
+    """What a child reported: ``kind`` is "error" (traceback + exception) for now."""
+
+    kind: str
+    traceback: str
+    exception: Optional[BaseException]
+
+
+def encode_error(traceback_text: str, exc: BaseException) -> bytes:
+    try:
+        exc_bytes: Optional[bytes] = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        exc_bytes = None
+    return frame(pickle.dumps(("error", traceback_text, exc_bytes), pickle.HIGHEST_PROTOCOL))
+
+
+def decode(output: bytes) -> Optional[Record]:
+    """The record in a child's output, or None if it sent none (or only part of one)."""
+    if len(output) < _LEN.size:
+        return None
+    (size,) = _LEN.unpack_from(output)
+    if len(output) < _LEN.size + size:
+        return None
+    try:
+        kind, text, exc_bytes = pickle.loads(output[_LEN.size : _LEN.size + size])
+    except Exception:
+        return None
+    exc: Optional[BaseException] = None
+    if exc_bytes is not None:
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = None
+    return Record(kind, text, exc)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Blocking write of everything (the parent drains while it waits)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
