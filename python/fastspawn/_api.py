@@ -11,7 +11,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 import weakref
@@ -40,7 +39,11 @@ def _use_pidfd() -> bool:
 
 
 class _Run:
-    """Parent-side state of one call: the engine group and what its children reported."""
+    """Parent-side state of one call: the engine group and what its children reported.
+
+    No lock: the engine reports every exit exactly once (to whichever thread waits), so
+    a join in one thread never blocks ``is_alive()`` in another.
+    """
 
     def __init__(self, nprocs: int, daemon: bool) -> None:
         self.group = _core.Group(nprocs, _use_pidfd())
@@ -48,7 +51,6 @@ class _Run:
         self.exitcodes: List[Optional[int]] = [None] * nprocs
         self.outputs: List[bytes] = [b""] * nprocs
         self.exit_order: List[int] = []
-        self._lock = threading.RLock()
         self._finalizer = weakref.finalize(self, _collect_group, self.group)
         self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
         _live_runs.add(self)
@@ -60,17 +62,14 @@ class _Run:
             self.exit_order.append(rank)
 
     def poll(self) -> None:
-        with self._lock:
-            self._absorb(self.group.wait(0.0, False))
+        self._absorb(self.group.wait(0.0, False))
 
     def wait_any(self, timeout: Optional[float]) -> None:
         """Until some child exits that was not seen before, or the timeout."""
-        with self._lock:
-            self._absorb(self.group.wait(timeout, False))
+        self._absorb(self.group.wait(timeout, False))
 
     def wait_all(self, timeout: Optional[float]) -> None:
-        with self._lock:
-            self._absorb(self.group.wait(timeout, True))
+        self._absorb(self.group.wait(timeout, True))
 
     def wait_rank(self, rank: int, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -81,8 +80,7 @@ class _Run:
                 break
 
     def stop(self, grace: float) -> None:
-        with self._lock:
-            self._absorb(self.group.stop(grace))
+        self._absorb(self.group.stop(grace))
 
     def interrupt(self) -> None:
         """Ctrl-C in the parent: children get SIGINT as from a terminal, then are stopped."""

@@ -6,6 +6,7 @@ parent in ``_api`` and the child in ``_child``) share one definition of the form
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pickle
@@ -155,8 +156,21 @@ def decode(output: bytes) -> Optional[Record]:
     return Record(kind, text, exc)
 
 
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_MAX = 1 << 20
+
+
 def write_all(fd: int, data: bytes) -> None:
-    """Blocking write of everything (the parent drains while it waits)."""
+    """Blocking write of everything (the parent drains while it waits).
+
+    A large record first widens the pipe (up to 1 MiB) so that the writer can usually
+    exit even when nobody is draining yet.
+    """
+    if len(data) > 65536:
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, min(len(data), _PIPE_MAX))
+        except OSError:
+            pass
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
