@@ -89,6 +89,27 @@ PYBIND11_MODULE(_core, m) {
         "In an exec'd child: die (with everything in its process group) when `owner` dies. "
         "Returns False if `owner` is already gone.");
 
+    m.def(
+        "zygote_fork",
+        [](int owner) {
+            PyOS_BeforeFork();
+            pid_t pid;
+            try {
+                pid = fastspawn::zygote_fork(static_cast<pid_t>(owner));
+            } catch (...) {
+                PyOS_AfterFork_Parent();
+                throw;
+            }
+            if (pid == 0)
+                PyOS_AfterFork_Child();
+            else
+                PyOS_AfterFork_Parent();
+            return pid;
+        },
+        py::arg("owner"),
+        "In the zygote: fork a child of the zygote's parent (clone CLONE_PARENT). Returns 0 "
+        "in the child, whose parent-death guard watches `owner`.");
+
     py::class_<PyChunk>(m, "Chunk", "Immutable bytes shared by the engine and many children.")
         .def(py::init([](const py::bytes& b) {
                  char* buf = nullptr;
@@ -136,6 +157,24 @@ PYBIND11_MODULE(_core, m) {
             py::arg("rank"),
             "Fork the caller for `rank`: (pid, -1, -1) in the parent, "
             "(0, control_fd, result_fd) in the child.")
+        .def("open_channels", &Group::open_channels, py::arg("rank"),
+             "Make `rank`'s pipes for a child started elsewhere; returns the child's ends "
+             "(control_read_fd, result_write_fd), which the caller must close once handed over.")
+        .def(
+            "adopt",
+            [](Group& g, const py::object& timeout) {
+                const double t = to_timeout(timeout);
+                SignalCheck check;
+                std::vector<int> ranks;
+                {
+                    py::gil_scoped_release nogil;
+                    ranks = g.adopt(t, [&check] { return check(); });
+                }
+                if (check.raised) throw py::error_already_set();
+                return ranks;
+            },
+            py::arg("timeout") = py::none(),
+            "Wait for children started elsewhere to announce their pids; returns the ranks watched.")
         .def(
             "wait",
             [](Group& g, const py::object& timeout, bool all) {

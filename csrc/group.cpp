@@ -5,6 +5,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -284,6 +285,88 @@ pid_t Group::start_fork(int rank, int& control_fd, int& result_fd) {
     return pid;
 }
 
+std::pair<int, int> Group::open_channels(int rank) {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    Slot& s = slot(rank);
+    if (s.pid != -1 || s.pending) throw std::logic_error("rank already started");
+    Pipe control = make_pipe();
+    Pipe result = make_pipe();
+    set_nonblocking(result.read.get(), true);
+    s.control = std::move(control.write);
+    s.pending = std::move(result.read);
+    return {control.read.release(), result.write.release()};
+}
+
+std::vector<int> Group::adopt(double timeout, const InterruptCheck& interrupted) {
+    using Clock = std::chrono::steady_clock;
+    const bool forever = timeout < 0 || std::isinf(timeout);
+    const auto deadline =
+        forever ? Clock::time_point::max()
+                : Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout));
+    std::vector<int> adopted;
+    for (;;) {
+        std::vector<pollfd> pfds;
+        std::vector<int> ranks;
+        {
+            std::lock_guard<std::mutex> lock(engine_mutex());
+            for (int r = 0; r < size(); ++r) {
+                Slot& s = slots_[static_cast<std::size_t>(r)];
+                if (!s.pending) continue;
+                pfds.push_back(pollfd{s.pending.get(), POLLIN, 0});
+                ranks.push_back(r);
+            }
+        }
+        if (pfds.empty()) return adopted;
+        int ms = -1;
+        if (!forever) {
+            const auto ms_left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+            ms = static_cast<int>(std::clamp<long long>(ms_left, 0, INT32_MAX));
+        }
+        const int n = ::poll(pfds.data(), pfds.size(), ms);
+        if (n < 0) {
+            if (errno != EINTR) throw_errno("poll");
+            if (interrupted && interrupted()) return adopted;
+            continue;
+        }
+        if (n == 0) return adopted;  // time is up: the rest stay pending
+        for (std::size_t i = 0; i < pfds.size(); ++i) {
+            if (!pfds[i].revents) continue;
+            const int rank = ranks[i];
+            pid_t pid = -1;
+            {
+                std::lock_guard<std::mutex> lock(engine_mutex());
+                Slot& s = slot(rank);
+                const bool eof = drain(s.pending.get(), s.output);
+                if (s.output.size() >= sizeof(std::int32_t)) {
+                    std::int32_t announced = 0;
+                    std::memcpy(&announced, s.output.data(), sizeof announced);
+                    s.output.erase(0, sizeof announced);
+                    siginfo_t info{};
+                    // Only our own children: waitid refuses anyone else (ECHILD).
+                    if (announced > 0 && ::waitid(P_PID, static_cast<id_t>(announced), &info,
+                                                  WEXITED | WNOHANG | WNOWAIT) == 0)
+                        pid = announced;
+                    else
+                        s.pending.reset();
+                } else if (eof) {
+                    s.pending.reset();  // never started
+                    s.output.clear();
+                }
+            }
+            if (pid > 0) {
+                Fd result;
+                {
+                    std::lock_guard<std::mutex> lock(engine_mutex());
+                    result = std::move(slot(rank).pending);
+                }
+                attach(rank, pid, std::move(result));
+                adopted.push_back(rank);
+            }
+        }
+    }
+}
+
 void Group::drain_result(Slot& s, bool final) {
     if (!s.result) return;
     bool eof = drain(s.result.get(), s.output);
@@ -438,6 +521,7 @@ void Group::abandon_after_fork() noexcept {
         s.exit_fd.reset();
         s.result.reset();
         s.control.reset();
+        s.pending.reset();
     }
 }
 

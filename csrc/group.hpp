@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <sys/types.h>
@@ -47,6 +48,17 @@ public:
     // and sets `control_fd`/`result_fd` (the child owns them); the group is then inert there.
     pid_t start_fork(int rank, int& control_fd, int& result_fd);
 
+    // Children made elsewhere (by the zygote, as our own children): opens the pipes of
+    // `rank` and returns the child's ends (control read, result write). The caller hands
+    // them over and closes its copies.
+    std::pair<int, int> open_channels(int rank);
+
+    // Waits (up to `timeout` s) for every rank with open channels to announce itself: a
+    // child's first 4 bytes on its result pipe are its pid (native int32). A pipe that
+    // closes first means that rank was never started. Children that are not ours are
+    // refused. Returns the ranks now watched.
+    std::vector<int> adopt(double timeout, const InterruptCheck& interrupted);
+
     // Waits until a not-yet-reported child has exited (or every child, with `all`),
     // or `timeout` seconds pass (< 0: no limit). Returns the exits not reported before.
     std::vector<ExitInfo> wait(double timeout, bool all, const InterruptCheck& interrupted);
@@ -74,6 +86,7 @@ private:
         Fd exit_fd;  // pidfd, or eventfd set by a watcher thread
         Fd result;   // read end, non-blocking
         Fd control;  // write end; kept open as the child's parent-alive sentinel
+        Fd pending;  // result read end of a child that has not announced itself yet
         std::string output;
         bool reaped = false;
         bool reported = false;

@@ -190,6 +190,34 @@ pid_t fork_child(pid_t owner) {
     return pid;
 }
 
+pid_t zygote_fork(pid_t owner) {
+    // A raw clone skips glibc's fork bookkeeping; the zygote is single-threaded, so no
+    // lock can be held. glibc caches the thread id in its thread descriptor: ask the
+    // kernel to write the child's tid there (where glibc itself asked it to clear it).
+    int* tid_slot = nullptr;
+    long flags = CLONE_PARENT | SIGCHLD;
+#ifdef PR_GET_TID_ADDRESS
+    if (::prctl(PR_GET_TID_ADDRESS, &tid_slot) == 0 && tid_slot != nullptr) flags |= CLONE_CHILD_SETTID;
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+    const long pid = ::syscall(SYS_clone, flags, nullptr, nullptr, tid_slot, nullptr);
+#elif defined(__aarch64__) || defined(__arm__) || defined(__powerpc__)
+    const long pid = ::syscall(SYS_clone, flags, nullptr, nullptr, nullptr, tid_slot);
+#else
+    (void)tid_slot;
+    const long pid = ::syscall(SYS_clone, flags & ~static_cast<long>(CLONE_CHILD_SETTID), nullptr,
+                               nullptr, nullptr, nullptr);
+#endif
+    if (pid < 0) throw_errno("clone(CLONE_PARENT)");
+    if (pid == 0) {
+        g_owner = owner;
+        install_handler();
+        if (!guard_child(owner)) ::kill(::getpid(), SIGKILL);
+        return 0;
+    }
+    return static_cast<pid_t>(pid);
+}
+
 bool arm_parent_death(pid_t owner) noexcept {
     g_owner = owner;
     install_handler();

@@ -33,6 +33,12 @@ pid_t exec_child(const ExecPlan& plan);
 // armed: own process group, parent-death signal, owner checked. Throws on failure.
 pid_t fork_child(pid_t owner);
 
+// In a zygote: clone(CLONE_PARENT) so that the new process is a child of the zygote's
+// parent (the caller), exactly like one the caller forked itself. Returns 0 in the new
+// process, whose guard against `owner` (the caller) is armed. Throws on failure (for
+// example EPERM where a seccomp policy refuses the flag).
+pid_t zygote_fork(pid_t owner);
+
 // For a process that was exec'd by exec_child: installs the handler behind the
 // parent-death signal. Returns false when `owner` is already gone.
 bool arm_parent_death(pid_t owner) noexcept;

@@ -9,9 +9,12 @@ from ._api import (
     ProcessContext,
     SpawnContext,
     SpawnedProcess,
+    preload,
     spawn,
     start_processes,
+    warmup,
 )
+from ._zygote import ZygoteError
 from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
 
 __version__ = "0.1.0"
@@ -24,7 +27,10 @@ __all__ = [
     "ProcessRaisedException",
     "SpawnContext",
     "SpawnedProcess",
+    "ZygoteError",
     "__version__",
+    "preload",
     "spawn",
     "start_processes",
+    "warmup",
 ]

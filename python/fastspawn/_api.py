@@ -11,6 +11,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -18,7 +19,7 @@ from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import _child, _core, _payload
+from . import _child, _core, _payload, _zygote
 from ._errors import ProcessExitedException, ProcessRaisedException
 
 __all__ = ["ENV_VAR_PARALLEL_START", "ProcessContext", "SpawnContext", "start_processes", "spawn"]
@@ -36,6 +37,90 @@ _SHUTDOWN_GRACE = 3.0
 
 def _use_pidfd() -> bool:
     return os.environ.get("FASTSPAWN_PIDFD", "1") != "0"
+
+
+# ------------------------------------------------------------------------ the zygote
+class _Zygotes:
+    """This process's zygote: started on first use, replaced when stale or dead."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current: Optional[_zygote.Zygote] = None
+        self.preload: List[str] = []
+        self.warned: set = set()
+
+    def get(self, preparation: Dict[str, Any]) -> Optional[_zygote.Zygote]:
+        key = _zygote.staleness_key(preparation, self.preload)
+        with self.lock:
+            zygote = self.current
+            if zygote is not None and (zygote.key != key or not zygote.alive()):
+                log.debug("fastspawn: replacing zygote pid %d (stale or gone)", zygote.pid)
+                self.current = None
+                zygote.close()
+                zygote = None
+            if zygote is None:
+                try:
+                    zygote = _zygote.Zygote(key, preparation, self.preload, _use_pidfd())
+                except _zygote.ZygoteError as exc:
+                    self.fallback_warning(key, str(exc).replace("fastspawn: ", ""))
+                    return None
+                self.current = zygote
+            if zygote.unfit is not None:
+                self.fallback_warning(key, zygote.unfit)
+                return None
+            return zygote
+
+    def fallback_warning(self, key: Any, reason: str) -> None:
+        if (key, reason) in self.warned:
+            return
+        self.warned.add((key, reason))
+        warnings.warn(
+            f"fastspawn: {reason}; starting each child in a fresh interpreter instead",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def shutdown(self) -> None:
+        with self.lock:
+            zygote, self.current = self.current, None
+        if zygote is not None:
+            zygote.close()
+
+    def after_fork_in_child(self) -> None:
+        zygote, self.current = self.current, None
+        self.lock = threading.Lock()
+        if zygote is not None:
+            zygote.forget_after_fork()
+
+
+_zygotes = _Zygotes()
+atexit.register(_zygotes.shutdown)  # runs after _at_exit below (atexit is last-in, first-out)
+os.register_at_fork(after_in_child=_zygotes.after_fork_in_child)
+
+
+def _zygote_wanted(start_method: str, zygote: Optional[bool]) -> bool:
+    if start_method == "fork":
+        return False
+    if zygote is not None:
+        return bool(zygote)
+    return os.environ.get("FASTSPAWN_ZYGOTE", "1") != "0"
+
+
+def preload(modules: Sequence[str]) -> None:
+    """Modules the zygote imports at start, besides the main module and each ``fn``'s.
+
+    Changing the list makes the current zygote stale: the next call starts a new one.
+    """
+    names = [modules] if isinstance(modules, str) else list(modules)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload takes module names (str), got {name!r}")
+    _zygotes.preload = names
+
+
+def warmup() -> None:
+    """Start the zygote now (it otherwise starts on the first spawn)."""
+    _zygotes.get(mp_spawn.get_preparation_data("fastspawn-zygote"))
 
 
 class _Run:
@@ -320,7 +405,36 @@ def _check_arguments(fn: Any, args: Any, nprocs: Any, start_method: Any) -> int:
     return count
 
 
-def _launch(fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, start_method: str) -> ProcessContext:
+def _start_fresh(
+    specs: Sequence[_child.ChildSpec],
+    daemon: bool,
+    payload: bytes,
+    pass_fds: List[int],
+    preparation: Dict[str, Any],
+    tracker_fd: Optional[int],
+) -> _Run:
+    """One fresh interpreter per child, each receiving the call over its control pipe."""
+    shared = [
+        _core.Chunk(_payload.frame(_payload.dumps_preparation(preparation))),
+        _core.Chunk(_payload.frame(payload)),
+    ]
+    argv = [mp_spawn.get_executable(), *subprocess._args_from_interpreter_flags(), "-c", _child.BOOTSTRAP]  # type: ignore[attr-defined]
+    run = _Run(len(specs), daemon)
+    try:
+        for spec in specs:
+            spec = spec._replace(tracker_fd=tracker_fd, fds=tuple(pass_fds))
+            head = _core.Chunk(_payload.frame(pickle.dumps(tuple(spec), pickle.HIGHEST_PROTOCOL)))
+            fds = pass_fds + ([tracker_fd] if tracker_fd is not None else [])
+            run.group.start_exec(spec.rank, argv[0], argv, fds, [head, *shared])
+    except BaseException:
+        run.stop(0.0)
+        raise
+    return run
+
+
+def _launch(
+    fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, start_method: str, use_zygote: bool
+) -> ProcessContext:
     mp_ctx = multiprocessing.get_context(start_method)
     # Process objects are never started: they give each child multiprocessing's name and
     # identity, exactly as torch's children get them.
@@ -345,7 +459,7 @@ def _launch(fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, star
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
                 if pid == 0:
-                    _child.run_forked(spec, fn, args, control_fd, result_fd)
+                    _child.run_forked(spec, lambda: (fn, args), control_fd, result_fd)
         except BaseException:
             run.stop(0.0)
             raise
@@ -353,21 +467,25 @@ def _launch(fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, star
         payload, pass_fds = _payload.dumps_call(fn, args)
         preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
         tracker_fd = resource_tracker.getfd() if nprocs else None
-        shared = [
-            _core.Chunk(_payload.frame(_payload.dumps_preparation(preparation))),
-            _core.Chunk(_payload.frame(payload)),
-        ]
-        argv = [mp_spawn.get_executable(), *subprocess._args_from_interpreter_flags(), "-c", _child.BOOTSTRAP]  # type: ignore[attr-defined]
-        run = _Run(nprocs, daemon)
-        try:
-            for spec in specs:
-                spec = spec._replace(tracker_fd=tracker_fd)
-                head = _core.Chunk(_payload.frame(pickle.dumps(tuple(spec), pickle.HIGHEST_PROTOCOL)))
-                fds = pass_fds + ([tracker_fd] if tracker_fd is not None else [])
-                run.group.start_exec(spec.rank, argv[0], argv, fds, [head, *shared])
-        except BaseException:
-            run.stop(0.0)
-            raise
+        run = None
+        if nprocs and use_zygote:
+            zygote = _zygotes.get(preparation)
+            if zygote is not None:
+                run = _Run(nprocs, daemon)
+                module = getattr(fn, "__module__", None)
+                try:
+                    reason = zygote.spawn(
+                        run.group, specs, payload, pass_fds, tracker_fd,
+                        None if module == "__main__" else module, os.getpid(),
+                    )
+                except BaseException:
+                    run.stop(0.0)
+                    raise
+                if reason is not None:
+                    _zygotes.fallback_warning(zygote.key, reason)
+                    run = None
+        if run is None:
+            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd)
     log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
     processes = [SpawnedProcess(run, i, t.name, daemon) for i, t in enumerate(templates)]
     return ProcessContext(processes, [None] * nprocs)
@@ -380,6 +498,8 @@ def start_processes(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
+    *,
+    zygote: Optional[bool] = None,
 ) -> Optional[ProcessContext]:
     """Run ``fn(i, *args)`` in ``nprocs`` processes, ``i`` being the rank 0..nprocs-1.
 
@@ -387,13 +507,15 @@ def start_processes(
     returns None once all children exited successfully and raises
     ProcessRaisedException / ProcessExitedException as soon as one fails (the others are
     terminated); with ``join=False``, returns the :class:`ProcessContext`.
-    ``start_method`` is "spawn" (a fresh interpreter per child), "forkserver" (same,
-    for now) or "fork" (a fork of the caller).
+    ``start_method`` "spawn" and "forkserver" give children that are pristine like a fresh
+    interpreter's (the caller's ``__main__`` body never ran in them), forked from the warm
+    zygote unless ``zygote=False`` or ``FASTSPAWN_ZYGOTE=0`` asks for one fresh interpreter
+    per child; "fork" forks the caller.
     """
     count = _check_arguments(fn, args, nprocs, start_method)
     if start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1":
         log.info("Starting processes in parallel.")
-    context = _launch(fn, tuple(args), count, bool(daemon), start_method)
+    context = _launch(fn, tuple(args), count, bool(daemon), start_method, _zygote_wanted(start_method, zygote))
     if not join:
         return context
     while not context.join():
@@ -408,6 +530,8 @@ def spawn(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
+    *,
+    zygote: Optional[bool] = None,
 ) -> Optional[ProcessContext]:
     """Run ``fn(i, *args)`` in ``nprocs`` fresh processes (start method spawn).
 
@@ -421,4 +545,4 @@ def spawn(
             " torch.multiprocessing.start_processes(...)"
         )
         warnings.warn(msg, FutureWarning, stacklevel=2)
-    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn")
+    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn", zygote=zygote)

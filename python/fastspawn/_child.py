@@ -1,9 +1,10 @@
 """What every child runs: receive the call, run ``fn(i, *args)``, report failure, exit.
 
-Two entry points share one body (:func:`_bootstrap`):
-- :func:`main`, in a fresh interpreter started by the engine (start methods spawn and
-  forkserver), which reads its orders from the control pipe;
-- :func:`run_forked`, in a fork of the caller (start method fork), which already has them.
+Three ways in, one body (:func:`_bootstrap`):
+- :func:`main`, in a fresh interpreter started by the engine, which reads its orders
+  from the control pipe (start methods spawn/forkserver without the zygote);
+- :func:`run_forked`, in a fork of the caller (start method fork) or of the zygote, which
+  already has them in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from . import _payload
 
 BOOTSTRAP = "from fastspawn._child import main; main()"
 
+Call = Tuple[Callable[..., Any], Sequence[Any]]
+
 
 class ChildSpec(NamedTuple):
     """Per-rank facts the parent fixes, so the child looks like a multiprocessing one."""
@@ -31,6 +34,7 @@ class ChildSpec(NamedTuple):
     parent_pid: int
     parent_name: str
     tracker_fd: Optional[int]
+    fds: Tuple[int, ...] = ()  # where the parent's pass_fds are, in the child
 
 
 def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int) -> None:
@@ -45,14 +49,9 @@ def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int) -
         sys.exit(1)
 
 
-def _bootstrap(
-    spec: ChildSpec,
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    control_fd: int,
-    result_fd: int,
-) -> int:
+def _bootstrap(spec: ChildSpec, call: Call, control_fd: int, result_fd: int) -> int:
     """Run the call inside a multiprocessing Process object; return the exit code."""
+    fn, args = call
     ctx = multiprocessing.get_context(spec.start_method)
     proc = ctx.Process(  # type: ignore[attr-defined]
         target=_call, args=(fn, spec.rank, args, result_fd), name=spec.name, daemon=spec.daemon
@@ -70,18 +69,35 @@ def _report_setup_failure(result_fd: int, exc: BaseException) -> None:
         pass
 
 
+def load_call(spec: ChildSpec, payload: bytes) -> Call:
+    """Unpickle ``(fn, args)`` as a spawned child does (fds mapped, tracker adopted)."""
+    from multiprocessing import process, resource_tracker
+
+    _payload.set_inherited_fds(spec.fds)
+    if spec.tracker_fd is not None:
+        resource_tracker._resource_tracker._fd = spec.tracker_fd  # type: ignore[attr-defined]
+    current = process.current_process()
+    current._inheriting = True  # type: ignore[attr-defined]
+    try:
+        fn, args = pickle.loads(payload)
+    finally:
+        del current._inheriting  # type: ignore[attr-defined]
+    return fn, args
+
+
 def run_forked(
-    spec: ChildSpec,
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    control_fd: int,
-    result_fd: int,
+    spec: ChildSpec, load: Callable[[], Call], control_fd: int, result_fd: int
 ) -> None:
-    """In a fork of the caller: run and exit. Never returns into the caller's stack."""
+    """In a fork (of the caller or of the zygote): run and exit; never returns."""
     code = 1
     try:
-        code = _bootstrap(spec, fn, args, control_fd, result_fd)
-    except BaseException as exc:  # the bootstrap itself failed; say why, then exit
+        call = load()
+    except BaseException as exc:  # could not even get the call: say why, then exit
+        _report_setup_failure(result_fd, exc)
+        os._exit(code)
+    try:
+        code = _bootstrap(spec, call, control_fd, result_fd)
+    except BaseException as exc:
         _report_setup_failure(result_fd, exc)
     finally:
         os._exit(code)
@@ -96,24 +112,22 @@ def main() -> None:
         os._exit(1)  # the parent died while we started: nobody is waiting for us
     del sys.argv[1:]
 
-    from multiprocessing import process, resource_tracker, spawn
+    from multiprocessing import process, spawn
 
     try:
         with os.fdopen(os.dup(control_fd), "rb") as control:
-            spec: ChildSpec = ChildSpec(*pickle.loads(_payload.read_frame(control)))
-            if spec.tracker_fd is not None:
-                resource_tracker._resource_tracker._fd = spec.tracker_fd  # type: ignore[attr-defined]
+            spec = ChildSpec(*pickle.loads(_payload.read_frame(control)))
             preparation = pickle.loads(_payload.read_frame(control))
             preparation["name"] = spec.name
             current = process.current_process()
             current._inheriting = True  # type: ignore[attr-defined]
             try:
                 spawn.prepare(preparation)
-                fn, args = pickle.loads(_payload.read_frame(control))
             finally:
                 del current._inheriting  # type: ignore[attr-defined]
+            call = load_call(spec, _payload.read_frame(control))
     except BaseException as exc:
         _report_setup_failure(result_fd, exc)
         sys.stderr.flush()
         os._exit(1)
-    sys.exit(_bootstrap(spec, fn, args, control_fd, result_fd))
+    sys.exit(_bootstrap(spec, call, control_fd, result_fd))

@@ -35,14 +35,25 @@ def read_frame(stream: BinaryIO) -> bytes:
     return data
 
 
-class _DupFd:
-    """An fd the child inherits at the same number (what ``DupFd`` reducers return)."""
+# The fds a child inherited for its pickled objects, by index. Exec'd children get them at
+# the caller's numbers; zygote children at whatever numbers the zygote received them.
+_inherited_fds: Tuple[int, ...] = ()
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+
+def set_inherited_fds(fds: Sequence[int]) -> None:
+    """In a child, before unpickling: where the parent's pass_fds landed, by index."""
+    global _inherited_fds
+    _inherited_fds = tuple(fds)
+
+
+class _DupFd:
+    """Placeholder for an fd handed to the child (what ``DupFd`` reducers return)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
     def detach(self) -> int:
-        return self.fd
+        return _inherited_fds[self.index]
 
 
 class SpawningPopen:
@@ -50,7 +61,8 @@ class SpawningPopen:
 
     multiprocessing objects (Queue, Lock, Connection, torch shared tensors, ...) only
     pickle inside a "spawning" context, and hand over file descriptors through
-    ``duplicate_for_child``: we collect those and the engine passes them to every child.
+    ``duplicate_for_child``: we collect those (the engine passes them to every child)
+    and pickle their index, which the child maps back with :func:`set_inherited_fds`.
     """
 
     method = "spawn"
@@ -61,7 +73,7 @@ class SpawningPopen:
 
     def duplicate_for_child(self, fd: int) -> int:
         self.fds.append(fd)
-        return fd
+        return len(self.fds) - 1
 
 
 def _dumps(obj: Any) -> bytes:
