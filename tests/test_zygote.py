@@ -1,0 +1,367 @@
+"""The warm zygote: children forked from a pristine pre-imported interpreter."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import fastspawn
+from fastspawn import _api
+
+import _zygote_workers as workers
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _queue():
+    return multiprocessing.get_context("spawn").SimpleQueue()
+
+
+def _current_zygote():
+    zygote = _api._zygotes.current
+    assert zygote is not None, "no zygote is running"
+    return zygote
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z" and not _is_my_child(pid)
+
+
+def _is_my_child(pid):
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+
+
+def _wait_gone(pids, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if not _gone(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if not _gone(p)]
+
+
+@pytest.fixture
+def fresh_zygote():
+    """Each use starts from no zygote and leaves none behind."""
+    _api._zygotes.shutdown()
+    saved = list(_api._zygotes.preload)
+    yield
+    _api._zygotes.preload = saved
+    _api._zygotes.shutdown()
+
+
+def test_spawn_uses_zygote_and_children_are_the_callers(fresh_zygote):
+    q = _queue()
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=3)
+    zygote = _current_zygote()
+    reports = sorted(q.get() for _ in range(3))
+    assert [r[0] for r in reports] == [0, 1, 2]
+    # clone(CLONE_PARENT): the caller is the parent, not the zygote.
+    assert all(ppid == os.getpid() for _, _, ppid in reports)
+    assert all(pid != zygote.pid for _, pid, _ in reports)
+    # Reused across calls.
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    q.get()
+    assert _current_zygote().pid == zygote.pid
+
+
+def test_forkserver_uses_zygote(fresh_zygote):
+    q = _queue()
+    fastspawn.start_processes(workers.report_pid, args=(q,), nprocs=2, start_method="forkserver")
+    assert _api._zygotes.current is not None
+    assert sorted(r[0] for r in (q.get(), q.get())) == [0, 1]
+
+
+def test_zygote_disabled_by_env_and_keyword(fresh_zygote, monkeypatch):
+    q = _queue()
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1, zygote=False)
+    q.get()
+    assert _api._zygotes.current is None
+    monkeypatch.setenv("FASTSPAWN_ZYGOTE", "0")
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    q.get()
+    assert _api._zygotes.current is None
+
+
+def test_warmup_starts_zygote(fresh_zygote):
+    assert _api._zygotes.current is None
+    fastspawn.warmup()
+    pid = _current_zygote().pid
+    assert not _gone(pid)
+    fastspawn.spawn(workers.report_pid, args=(_queue(),), nprocs=1)
+    assert _current_zygote().pid == pid
+
+
+def test_request_carries_env_cwd_path_umask(fresh_zygote, monkeypatch, tmp_path):
+    fastspawn.warmup()  # started before the changes below: children must see them anyway
+    monkeypatch.setenv("FASTSPAWN_TEST_VALUE", "changed-after-warmup")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend("/fastspawn-test-path-marker")
+    old = os.umask(0o027)
+    try:
+        q = _queue()
+        pid = _current_zygote().pid
+        fastspawn.spawn(workers.report_context, args=(q,), nprocs=2)
+    finally:
+        os.umask(old)
+    reports = [q.get() for _ in range(2)]
+    for r in reports:
+        assert r["env"] == "changed-after-warmup"
+        assert r["cwd"] == str(tmp_path)
+        assert r["path_marker"]
+        assert r["umask"] == 0o027
+    # sys.path changed, so the zygote was replaced; the new one is used.
+    assert _current_zygote().pid != pid
+
+
+def test_children_get_fresh_randomness(fresh_zygote):
+    q = _queue()
+    fastspawn.spawn(workers.report_context, args=(q,), nprocs=4)
+    fastspawn.spawn(workers.report_context, args=(q,), nprocs=4)
+    reports = [q.get() for _ in range(8)]
+    assert len({r["random"] for r in reports}) == 8
+    assert len({r["numpy"] for r in reports}) == 8
+
+
+def test_children_get_fresh_torch_seed(fresh_zygote):
+    pytest.importorskip("torch")
+    fastspawn.preload(["torch"])
+    q = _queue()
+    fastspawn.spawn(workers.report_torch_random, args=(q,), nprocs=3)
+    reports = [q.get() for _ in range(3)]
+    assert len({seed for _, seed, _ in reports}) == 3
+    assert len({value for _, _, value in reports}) == 3
+
+
+def test_nested_spawn_through_zygote(fresh_zygote):
+    q = multiprocessing.get_context("spawn").Queue()
+    fastspawn.spawn(workers.nested, args=(q,), nprocs=1)
+    items = [q.get(timeout=60) for _ in range(3)]
+    nested = [i for i in items if i[0] == "nested"]
+    leaves = sorted(i for i in items if i[0] != "nested")
+    assert len(nested) == 1 and [leaf[0] for leaf in leaves] == [0, 1]
+    _, middle_pid, pids = nested[0]
+    # The grandchildren are the middle child's own children.
+    assert sorted(pids) == sorted(leaf[1] for leaf in leaves)
+    assert all(leaf[2] == middle_pid for leaf in leaves)
+
+
+def test_zygote_killed_between_calls(fresh_zygote):
+    q = _queue()
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    q.get()
+    old = _current_zygote().pid
+    os.kill(old, signal.SIGKILL)
+    assert _wait_gone([old]) == [] or _is_my_child(old)
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=2)
+    assert sorted(q.get()[0] for _ in range(2)) == [0, 1]
+    assert _current_zygote().pid != old
+
+
+def test_zygote_killed_mid_call(fresh_zygote, monkeypatch):
+    monkeypatch.setenv("FASTSPAWN_TEST_CALLER", str(os.getpid()))
+    import _zygote_killer
+
+    fastspawn.preload(["json"])  # a new zygote, which sees the variable above
+    fastspawn.warmup()
+    before = set(_children())
+    with pytest.raises(fastspawn.ZygoteError, match="died while starting 2 children"):
+        fastspawn.spawn(_zygote_killer.work, nprocs=2)
+    assert set(_children()) - before == set()
+    # The next call starts a new zygote and works.
+    q = _queue()
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    assert q.get()[0] == 0
+
+
+def _children():
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.parametrize(
+    "module, reason",
+    [("_zygote_threads", "threads after its imports"), ("_zygote_fake_cuda", "CUDA was initialised")],
+)
+def test_unfit_zygote_falls_back_with_warning(fresh_zygote, module, reason):
+    if module == "_zygote_fake_cuda":
+        pytest.importorskip("torch")
+    fastspawn.preload([module])
+    q = _queue()
+    with pytest.warns(RuntimeWarning, match=reason + ".*fresh interpreter"):
+        fastspawn.spawn(workers.report_pid, args=(q,), nprocs=2)
+    reports = [q.get() for _ in range(2)]
+    assert sorted(r[0] for r in reports) == [0, 1]
+    # A fresh interpreter per child: parent is the caller, and no fork of the zygote.
+    assert all(ppid == os.getpid() for _, _, ppid in reports)
+    # Warned once: the next call is silent (filterwarnings=error would fail it otherwise).
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    q.get()
+
+
+def test_zygote_socket_is_unreachable(fresh_zygote):
+    fastspawn.warmup()
+    pid = _current_zygote().pid
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    assert inodes, "the zygote should hold its socketpair end"
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    for row in rows:
+        if row[6] in inodes:
+            assert len(row) == 7, f"zygote socket is bound to a name: {row[7]}"
+
+
+def test_child_shares_zygote_memory(fresh_zygote):
+    pytest.importorskip("torch")
+    fastspawn.preload(["torch"])
+    q = _queue()
+    fastspawn.spawn(workers.memory, args=(q,), nprocs=1)
+    _, rss, private = q.get()
+    assert rss > 100_000  # kB: torch is mapped
+    assert private < rss / 4, (rss, private)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    import fastspawn
+
+    def child(rank, path):
+        import subprocess
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(path + f".{rank}", "w") as f:
+            f.write(f"{os.getpid()} {grandchild.pid}")
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        ctx = fastspawn.spawn(child, args=(sys.argv[1],), nprocs=2, join=False)
+        zygote = fastspawn._api._zygotes.current.pid
+        with open(sys.argv[1] + ".zygote", "w") as f:
+            f.write(str(zygote))
+        ctx.join()
+    """
+)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def test_caller_sigkill_leaves_nothing(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    marker = str(tmp_path / "pids")
+    proc = subprocess.Popen([sys.executable, str(script), marker])
+    try:
+        deadline = time.monotonic() + 60
+        files = [marker + s for s in (".0", ".1", ".zygote")]
+        while not all(_read(f) for f in files):
+            assert time.monotonic() < deadline, "driver did not start its children"
+            assert proc.poll() is None, "driver exited early"
+            time.sleep(0.05)
+        pids = [int(p) for f in files for p in _read(f).split()]
+        assert len(pids) == 5
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _wait_gone(pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+STALE_DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import fastspawn
+
+    def child(rank):
+        pass
+
+    if __name__ == "__main__":
+        fastspawn.spawn(child, nprocs=1)
+        first = fastspawn._api._zygotes.current.pid
+        fastspawn.spawn(child, nprocs=1)
+        same = fastspawn._api._zygotes.current.pid
+        st = os.stat(__file__)
+        os.utime(__file__, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        fastspawn.spawn(child, nprocs=1)
+        after = fastspawn._api._zygotes.current.pid
+        print(first == same, first != after)
+    """
+)
+
+
+def test_stale_main_file_replaces_zygote(tmp_path):
+    script = tmp_path / "stale.py"
+    script.write_text(STALE_DRIVER)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+MAIN_GUARD_DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import fastspawn
+
+    print("main body ran in", os.getpid(), flush=True)
+
+    def child(rank):
+        print("child", rank, "main name", sys.modules["__main__"].__name__, flush=True)
+
+    if __name__ == "__main__":
+        fastspawn.spawn(child, nprocs=2)
+        fastspawn.spawn(child, nprocs=2)
+    """
+)
+
+
+def test_main_module_imported_once_as_mp_main(tmp_path):
+    script = tmp_path / "main_guard.py"
+    script.write_text(MAIN_GUARD_DRIVER)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # Once in the caller, once in the zygote: never again per child.
+    assert sum(line.startswith("main body ran") for line in lines) == 2
+    assert sorted(line for line in lines if line.startswith("child")) == [
+        "child 0 main name __mp_main__",
+        "child 0 main name __mp_main__",
+        "child 1 main name __mp_main__",
+        "child 1 main name __mp_main__",
+    ]
