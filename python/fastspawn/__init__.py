@@ -2,35 +2,57 @@
 
     import fastspawn
     fastspawn.spawn(fn, args=(world_size,), nprocs=4)   # fn(i, *args) in 4 processes
+
+The public names are loaded on first use, so that a child's bootstrap (which imports
+``fastspawn._child``) does not pay for the parent-side machinery.
 """
 
-from ._api import (
-    ENV_VAR_PARALLEL_START,
-    ProcessContext,
-    SpawnContext,
-    SpawnedProcess,
-    preload,
-    spawn,
-    start_processes,
-    warmup,
-)
-from ._zygote import ZygoteError
-from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
+from importlib import import_module
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ENV_VAR_PARALLEL_START",
-    "ProcessContext",
-    "ProcessException",
-    "ProcessExitedException",
-    "ProcessRaisedException",
-    "SpawnContext",
-    "SpawnedProcess",
-    "ZygoteError",
-    "__version__",
-    "preload",
-    "spawn",
-    "start_processes",
-    "warmup",
-]
+_EXPORTS = {
+    "ENV_VAR_PARALLEL_START": "._api",
+    "ProcessContext": "._api",
+    "SpawnContext": "._api",
+    "SpawnedProcess": "._api",
+    "preload": "._api",
+    "spawn": "._api",
+    "start_processes": "._api",
+    "warmup": "._api",
+    "ProcessException": "._errors",
+    "ProcessExitedException": "._errors",
+    "ProcessRaisedException": "._errors",
+    "ZygoteError": "._zygote",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> "object":
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastspawn' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from ._api import (
+        ENV_VAR_PARALLEL_START,
+        ProcessContext,
+        SpawnContext,
+        SpawnedProcess,
+        preload,
+        spawn,
+        start_processes,
+        warmup,
+    )
+    from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
+    from ._zygote import ZygoteError

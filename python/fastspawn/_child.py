@@ -86,9 +86,18 @@ def load_call(spec: ChildSpec, payload: bytes) -> Call:
 
 
 def run_forked(
-    spec: ChildSpec, load: Callable[[], Call], control_fd: int, result_fd: int
+    spec: ChildSpec,
+    load: Callable[[], Call],
+    control_fd: int,
+    result_fd: int,
+    run_atexit: bool = False,
 ) -> None:
-    """In a fork (of the caller or of the zygote): run and exit; never returns."""
+    """In a fork (of the caller or of the zygote): run and exit; never returns.
+
+    ``run_atexit``: end like an interpreter would (atexit handlers run), as the zygote's
+    children stand in for fresh interpreters; a fork of the caller ends like
+    multiprocessing's fork children, without them.
+    """
     code = 1
     try:
         call = load()
@@ -97,10 +106,18 @@ def run_forked(
         os._exit(code)
     try:
         code = _bootstrap(spec, call, control_fd, result_fd)
+        if run_atexit:
+            import atexit
+
+            atexit._run_exitfuncs()
     except BaseException as exc:
         _report_setup_failure(result_fd, exc)
     finally:
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def main() -> None:

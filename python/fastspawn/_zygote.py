@@ -150,7 +150,7 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
         _payload.write_all(result_fd, struct.pack("=i", os.getpid()))  # adopt me
     except BaseException:
         os._exit(1)
-    _child.run_forked(spec, load, control_fd, result_fd)
+    _child.run_forked(spec, load, control_fd, result_fd, run_atexit=True)
 
 
 def _apply(request: Dict[str, Any]) -> None:
