@@ -58,3 +58,13 @@ def memory(rank, queue):
 def sleep_forever(rank, ready):
     ready.put(os.getpid())
     time.sleep(600)
+
+
+def register_atexit(rank, path):
+    import atexit
+
+    def write():
+        with open(f"{path}.{rank}", "w") as f:
+            f.write("atexit ran")
+
+    atexit.register(write)

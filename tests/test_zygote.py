@@ -365,3 +365,19 @@ def test_main_module_imported_once_as_mp_main(tmp_path):
         "child 1 main name __mp_main__",
         "child 1 main name __mp_main__",
     ]
+
+
+@pytest.mark.parametrize("zygote", [True, False])
+def test_atexit_handlers_run_in_children_as_in_a_fresh_interpreter(fresh_zygote, tmp_path, zygote):
+    base = str(tmp_path / "atexit")
+    fastspawn.spawn(workers.register_atexit, args=(base,), nprocs=2, zygote=zygote)
+    for rank in range(2):
+        assert _read(f"{base}.{rank}") == "atexit ran"
+
+
+def test_child_bootstrap_does_not_load_the_parent_side():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, fastspawn._child; print('fastspawn._api' in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.stdout.strip() == "False", out.stderr
