@@ -121,12 +121,16 @@ def _import(module: str) -> Optional[str]:
 def _reseed() -> None:
     # A fresh interpreter seeds these global generators from OS entropy; so does each
     # zygote child (random already reseeds itself at fork, via os.register_at_fork).
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
+    # numpy.random is imported lazily: if the zygote never loaded it, the child seeds it
+    # itself on first use. torch's CPU generator is seeded at import; its CUDA ones start
+    # from a fixed seed in a fresh interpreter, so they are left alone.
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
     torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "seed"):
-        torch.seed()
+    generator = getattr(torch, "default_generator", None)
+    if generator is not None:
+        generator.seed()
 
 
 def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: socket.socket) -> None:
@@ -139,6 +143,7 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
     def load() -> _child.Call:
         sock.close()
         _close_all([fd for fd in fds[: 2 * n] if fd not in mine])
+        _skip_inherited_exit_finalizers()
         _apply(request)
         spec = _child.ChildSpec(*request["specs"][rank])._replace(
             tracker_fd=tracker_fd, fds=tuple(passed)
@@ -151,6 +156,17 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
     except BaseException:
         os._exit(1)
     _child.run_forked(spec, load, control_fd, result_fd, run_atexit=True)
+
+
+def _skip_inherited_exit_finalizers() -> None:
+    # weakref.finalize objects made by the zygote's imports would run at the child's exit
+    # (torch registers thousands: ~30 ms of copy-on-write faults per child). They only
+    # tear down in-process state the child is about to lose anyway; the child's own
+    # finalizers still run at exit.
+    import weakref
+
+    for fin in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+        fin.atexit = False
 
 
 def _apply(request: Dict[str, Any]) -> None:
