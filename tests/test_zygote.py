@@ -381,3 +381,18 @@ def test_child_bootstrap_does_not_load_the_parent_side():
         capture_output=True, text=True, timeout=60,
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_children_write_to_the_callers_current_stdout(fresh_zygote, tmp_path):
+    fastspawn.warmup()  # its stdout is the original one
+    out = tmp_path / "out.txt"
+    saved = os.dup(1)
+    try:
+        with open(out, "w") as f:
+            os.dup2(f.fileno(), 1)
+        fastspawn.spawn(workers.print_rank, nprocs=2)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    text = _read(str(out))
+    assert "rank-0" in text and "rank-1" in text, text

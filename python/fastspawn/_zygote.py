@@ -137,12 +137,16 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
     control_fd, result_fd = fds[2 * rank], fds[2 * rank + 1]
     mine = {control_fd, result_fd}
     n = request["n"]
-    passed = fds[2 * n :]
+    stdio = request["stdio"]
+    passed = fds[2 * n : len(fds) - len(stdio)]
+    stdio_fds = dict(zip(stdio, fds[len(fds) - len(stdio) :]))
     tracker_fd = passed.pop() if request["tracker"] else None
 
     def load() -> _child.Call:
         sock.close()
-        _close_all([fd for fd in fds[: 2 * n] if fd not in mine])
+        for target, fd in stdio_fds.items():  # the caller's stdin/out/err of now
+            os.dup2(fd, target)
+        _close_all([fd for fd in fds[: 2 * n] if fd not in mine] + list(stdio_fds.values()))
         _skip_inherited_exit_finalizers()
         _apply(request)
         spec = _child.ChildSpec(*request["specs"][rank])._replace(
@@ -249,6 +253,14 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------- caller side
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def _current_umask() -> int:
     try:
         with open("/proc/self/status") as status:
@@ -333,7 +345,8 @@ class Zygote:
         try:
             for rank in range(n):
                 channels.extend(group.open_channels(rank))
-            fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else [])
+            stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]
+            fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else []) + stdio
             request = {
                 "op": "spawn",
                 "n": n,
@@ -341,6 +354,7 @@ class Zygote:
                 "payload": payload,
                 "fn_module": fn_module,
                 "tracker": tracker_fd is not None,
+                "stdio": stdio,
                 "env": dict(os.environ),
                 "cwd": os.getcwd(),
                 "umask": _current_umask(),
