@@ -177,21 +177,21 @@ PYBIND11_MODULE(_core, m) {
             "Wait for children started elsewhere to announce their pids; returns the ranks watched.")
         .def(
             "wait",
-            [](Group& g, const py::object& timeout, bool all) {
+            [](Group& g, const py::object& timeout, bool all, std::size_t known) {
                 const double t = to_timeout(timeout);
                 return interruptible([&](const fastspawn::InterruptCheck& check) {
-                    return g.wait(t, all, check);
+                    return g.wait(t, all, known, check);
                 });
             },
-            py::arg("timeout") = py::none(), py::arg("all") = false,
-            "Block (GIL released) until a child not reported yet exits, or all with all=True, "
-            "or the timeout. Returns [(rank, pid, exitcode, output_bytes)].")
+            py::arg("timeout") = py::none(), py::arg("all") = false, py::arg("known") = 0,
+            "Block (GIL released) until more than `known` children have exited (all of them "
+            "with all=True), or the timeout. Returns the exit log from `known` on: "
+            "[(rank, pid, exitcode, output_bytes)], in the order the children were reaped.")
         .def(
             "stop",
             [](Group& g, double grace) {
-                return interruptible([&](const fastspawn::InterruptCheck&) {
-                    return g.stop(grace, nullptr);
-                });
+                py::gil_scoped_release nogil;
+                g.stop(grace);
             },
             py::arg("grace"),
             "SIGTERM every live child, wait up to `grace` s, SIGKILL their process groups, reap.")

@@ -45,6 +45,7 @@ void register_atfork_once() {
     std::call_once(once, [] { ::pthread_atfork(atfork_prepare, atfork_parent, atfork_child); });
 }
 
+constexpr std::uint64_t kWakeData = ~static_cast<std::uint64_t>(0);
 constexpr std::uint64_t kExitTag = 0;
 constexpr std::uint64_t kResultTag = 1;
 constexpr std::size_t kDefaultPipeSize = 65536;
@@ -156,6 +157,9 @@ Group::Group(int nprocs, bool use_pidfd)
     register_atfork_once();
     epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_) throw_errno("epoll_create1");
+    wake_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!wake_) throw_errno("eventfd");
+    epoll_add(epoll_.get(), wake_.get(), kWakeData);
     std::lock_guard<std::mutex> lock(engine_mutex());
     live_groups().push_back(this);
 }
@@ -163,7 +167,7 @@ Group::Group(int nprocs, bool use_pidfd)
 Group::~Group() {
     if (!abandoned_ && ::getpid() == owner_) {
         try {
-            stop(0.0, nullptr);
+            stop(0.0);
         } catch (...) {
             // Destructors must not throw; whatever could not be reaped is left to init.
         }
@@ -394,30 +398,31 @@ void Group::reap(int rank) {
     s.exitcode = rc == 0 ? decode_status(info) : 255;  // ECHILD: reaped behind our back
     s.reaped = true;
     epoll_del(epoll_.get(), s.exit_fd.get());
+    exits_.push_back(ExitInfo{rank, s.pid, s.exitcode, std::move(s.output)});
+    s.output.clear();
+    wake_others();
 }
 
-std::vector<ExitInfo> Group::collect(bool all, bool& done) {
-    std::vector<ExitInfo> out;
+void Group::wake_others() noexcept {
+    // epoll wakes one blocked waiter per event; each woken waiter passes it on.
+    if (blocked_ > 0) {
+        const std::uint64_t one = 1;
+        (void)!::write(wake_.get(), &one, sizeof one);
+    }
+}
+
+std::vector<ExitInfo> Group::collect(bool all, std::size_t known, bool& done) const {
     bool any_running = false;
-    for (int r = 0; r < size(); ++r) {
-        Slot& s = slots_[static_cast<std::size_t>(r)];
-        if (s.pid < 0) continue;
-        if (!s.reaped) any_running = true;
-        if (s.reaped && !s.reported) out.push_back(ExitInfo{r, s.pid, s.exitcode, {}});
-    }
-    done = all ? !any_running : (!out.empty() || !any_running);
-    if (done) {
-        for (auto& e : out) {
-            Slot& s = slots_[static_cast<std::size_t>(e.rank)];
-            s.reported = true;
-            e.output = std::move(s.output);
-            s.output.clear();
-        }
-    }
+    for (const auto& s : slots_)
+        if (s.pid >= 0 && !s.reaped) any_running = true;
+    done = all ? !any_running : (exits_.size() > known || !any_running);
+    std::vector<ExitInfo> out;
+    for (std::size_t i = known; i < exits_.size(); ++i) out.push_back(exits_[i]);
     return out;
 }
 
-std::vector<ExitInfo> Group::wait(double timeout, bool all, const InterruptCheck& interrupted) {
+std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
+                                  const InterruptCheck& interrupted) {
     using Clock = std::chrono::steady_clock;
     const bool forever = timeout < 0 || std::isinf(timeout);
     const auto deadline =
@@ -429,8 +434,9 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, const InterruptCheck
             std::lock_guard<std::mutex> lock(engine_mutex());
             if (abandoned_) return {};
             bool done = false;
-            auto out = collect(all, done);
+            auto out = collect(all, known, done);
             if (done) return out;
+            ++blocked_;
         }
         int ms = -1;
         if (!forever) {
@@ -440,27 +446,34 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, const InterruptCheck
         }
         epoll_event evs[64];
         const int n = ::epoll_wait(epoll_.get(), evs, 64, ms);
+        const int err = errno;
+        std::unique_lock<std::mutex> lock(engine_mutex());
+        --blocked_;
+        if (abandoned_) return {};
         if (n < 0) {
-            if (errno != EINTR) throw_errno("epoll_wait");
+            if (err != EINTR) throw_errno("epoll_wait", err);
+            lock.unlock();
             if (interrupted && interrupted()) return {};
             continue;
         }
-        std::lock_guard<std::mutex> lock(engine_mutex());
-        if (abandoned_) return {};
         for (int i = 0; i < n; ++i) {
-            const int rank = static_cast<int>(evs[i].data.u64 >> 1);
+            const std::uint64_t data = evs[i].data.u64;
+            if (data == kWakeData) {
+                std::uint64_t count = 0;
+                (void)!::read(wake_.get(), &count, sizeof count);
+                wake_others();  // pass it on to whoever else is blocked
+                continue;
+            }
+            const int rank = static_cast<int>(data >> 1);
             Slot& s = slots_[static_cast<std::size_t>(rank)];
-            if ((evs[i].data.u64 & 1) == kExitTag)
+            if ((data & 1) == kExitTag)
                 reap(rank);
             else
                 drain_result(s, false);
         }
         if (n == 0 && ms >= 0 && Clock::now() >= deadline) {
-            // Time is up: report what has exited so far, even if not all.
-            std::vector<ExitInfo> out;
             bool done = false;
-            out = collect(false, done);
-            return out;
+            return collect(false, known, done);  // time is up: whatever the log holds
         }
     }
 }
@@ -474,15 +487,15 @@ bool Group::send_signal(int rank, int sig, bool group) {
     return ::kill(s.pid, sig) == 0;
 }
 
-std::vector<ExitInfo> Group::stop(double grace, const InterruptCheck& interrupted) {
+void Group::stop(double grace) {
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
-        if (abandoned_) return {};
+        if (abandoned_) return;
         stopping_ = true;
         for (auto& s : slots_)
             if (s.pid > 0 && !s.reaped) ::kill(s.pid, SIGTERM);
     }
-    auto out = wait(grace, true, interrupted);
+    wait(grace, true, 0, nullptr);
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
         for (auto& s : slots_) {
@@ -492,9 +505,7 @@ std::vector<ExitInfo> Group::stop(double grace, const InterruptCheck& interrupte
             }
         }
     }
-    auto rest = wait(-1, true, nullptr);
-    for (auto& e : rest) out.push_back(std::move(e));
-    return out;
+    wait(-1, true, 0, nullptr);
 }
 
 pid_t Group::pid(int rank) const {
@@ -517,6 +528,7 @@ void Group::abandon_after_fork() noexcept {
     // Runs in a fork child with the engine lock held: only close(), no allocation.
     abandoned_ = true;
     epoll_.reset();
+    wake_.reset();
     for (auto& s : slots_) {
         s.exit_fd.reset();
         s.result.reset();

@@ -59,17 +59,20 @@ public:
     // refused. Returns the ranks now watched.
     std::vector<int> adopt(double timeout, const InterruptCheck& interrupted);
 
-    // Waits until a not-yet-reported child has exited (or every child, with `all`),
-    // or `timeout` seconds pass (< 0: no limit). Returns the exits not reported before.
-    std::vector<ExitInfo> wait(double timeout, bool all, const InterruptCheck& interrupted);
+    // Exits are logged in the order they were reaped; every caller sees the same log.
+    // Waits until the log holds more than `known` exits (or every child has exited, with
+    // `all`), or `timeout` seconds pass (< 0: no limit). Returns the log from `known` on.
+    // Any number of threads may wait at once: each reap wakes every waiter.
+    std::vector<ExitInfo> wait(double timeout, bool all, std::size_t known,
+                               const InterruptCheck& interrupted);
 
     // Sends `sig` to `rank` (to its whole process group with `group`) unless already
     // reaped. Returns whether it was sent.
     bool send_signal(int rank, int sig, bool group = false);
 
     // SIGTERM to every live child, up to `grace` seconds, then SIGKILL to their process
-    // groups; reaps all. Returns the exits not reported before.
-    std::vector<ExitInfo> stop(double grace, const InterruptCheck& interrupted);
+    // groups; reaps all (see wait() for the log).
+    void stop(double grace);
 
     pid_t pid(int rank) const;
     bool running(int rank) const;  // started and not reaped (as of the last wait)
@@ -89,7 +92,6 @@ private:
         Fd pending;  // result read end of a child that has not announced itself yet
         std::string output;
         bool reaped = false;
-        bool reported = false;
         int exitcode = 0;
     };
 
@@ -98,11 +100,15 @@ private:
     void attach(int rank, pid_t pid, Fd result);
     void reap(int rank);
     void drain_result(Slot& s, bool final);
-    std::vector<ExitInfo> collect(bool all, bool& done);
+    std::vector<ExitInfo> collect(bool all, std::size_t known, bool& done) const;
+    void wake_others() noexcept;
     void send_input(int rank, std::vector<Chunk> input);
 
     std::vector<Slot> slots_;
+    std::vector<ExitInfo> exits_;  // reap order
     Fd epoll_;
+    Fd wake_;          // eventfd in the epoll set: "the log grew", for other blocked waiters
+    int blocked_ = 0;  // threads inside epoll_wait on this group
     pid_t owner_;
     bool use_pidfd_;
     bool stopping_ = false;

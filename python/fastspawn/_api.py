@@ -17,6 +17,7 @@ import warnings
 import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
+from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import _child, _core, _payload, _zygote
@@ -126,8 +127,8 @@ def warmup() -> None:
 class _Run:
     """Parent-side state of one call: the engine group and what its children reported.
 
-    No lock: the engine reports every exit exactly once (to whichever thread waits), so
-    a join in one thread never blocks ``is_alive()`` in another.
+    The engine keeps one log of exits that every waiting thread sees, so a join in one
+    thread is never starved by ``is_alive()`` in another; only absorbing it takes a lock.
     """
 
     def __init__(self, nprocs: int, daemon: bool) -> None:
@@ -136,25 +137,31 @@ class _Run:
         self.exitcodes: List[Optional[int]] = [None] * nprocs
         self.outputs: List[bytes] = [b""] * nprocs
         self.exit_order: List[int] = []
+        self._absorbing = threading.Lock()
         self._finalizer = weakref.finalize(self, _collect_group, self.group)
         self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
         _live_runs.add(self)
 
     def _absorb(self, exits: List[Any]) -> None:
-        for rank, _pid, code, output in exits:
-            self.exitcodes[rank] = code
-            self.outputs[rank] = output
-            self.exit_order.append(rank)
+        with self._absorbing:
+            for rank, _pid, code, output in exits:
+                if self.exitcodes[rank] is None:
+                    self.exitcodes[rank] = code
+                    self.outputs[rank] = output
+                    self.exit_order.append(rank)
 
     def poll(self) -> None:
-        self._absorb(self.group.wait(0.0, False))
+        self._absorb(self.group.wait(0.0, False, len(self.exit_order)))
 
-    def wait_any(self, timeout: Optional[float]) -> None:
-        """Until some child exits that was not seen before, or the timeout."""
-        self._absorb(self.group.wait(timeout, False))
+    def wait_any(self, timeout: Optional[float], known: Optional[int] = None) -> None:
+        """Until more than ``known`` children (default: those seen so far) have exited,
+        or the timeout. Exits seen by another thread meanwhile count too."""
+        if known is None:
+            known = len(self.exit_order)
+        self._absorb(self.group.wait(timeout, False, known))
 
     def wait_all(self, timeout: Optional[float]) -> None:
-        self._absorb(self.group.wait(timeout, True))
+        self._absorb(self.group.wait(timeout, True, len(self.exit_order)))
 
     def wait_rank(self, rank: int, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -165,7 +172,8 @@ class _Run:
                 break
 
     def stop(self, grace: float) -> None:
-        self._absorb(self.group.stop(grace))
+        self.group.stop(grace)
+        self.poll()
 
     def interrupt(self) -> None:
         """Ctrl-C in the parent: children get SIGINT as from a terminal, then are stopped."""
@@ -304,9 +312,12 @@ class ProcessContext:
             return True
         run = self._run
         assert run is not None
+        if timeout is not None and timeout < 0:
+            timeout = 0.0  # as multiprocessing.connection.wait treats it
         try:
+            known = len(run.exit_order)
             if not any(run.exitcodes[i] is not None for i in self._unjoined):
-                run.wait_any(timeout)
+                run.wait_any(timeout, known)
         except BaseException:
             run.interrupt()
             raise
@@ -435,6 +446,7 @@ def _start_fresh(
 def _launch(
     fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, start_method: str, use_zygote: bool
 ) -> ProcessContext:
+    flush_std_streams()  # as multiprocessing does before starting a child
     mp_ctx = multiprocessing.get_context(start_method)
     # Process objects are never started: they give each child multiprocessing's name and
     # identity, exactly as torch's children get them.
@@ -512,7 +524,11 @@ def start_processes(
     zygote unless ``zygote=False`` or ``FASTSPAWN_ZYGOTE=0`` asks for one fresh interpreter
     per child; "fork" forks the caller.
     """
+    if start_method is None:  # as multiprocessing.get_context(None): the default method
+        start_method = multiprocessing.get_start_method()
     count = _check_arguments(fn, args, nprocs, start_method)
+    if multiprocessing.current_process()._config.get("daemon"):  # type: ignore[attr-defined]
+        raise AssertionError("daemonic processes are not allowed to have children")
     if start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1":
         log.info("Starting processes in parallel.")
     context = _launch(fn, tuple(args), count, bool(daemon), start_method, _zygote_wanted(start_method, zygote))
