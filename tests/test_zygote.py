@@ -342,7 +342,7 @@ MAIN_GUARD_DRIVER = textwrap.dedent(
     print("main body ran in", os.getpid(), flush=True)
 
     def child(rank):
-        os.write(1, f"child {rank} main name {sys.modules['__main__'].__name__}\n".encode())
+        os.write(1, f"child {rank} main name {sys.modules['__main__'].__name__}\\n".encode())
 
     if __name__ == "__main__":
         fastspawn.spawn(child, nprocs=2)
