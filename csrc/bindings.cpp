@@ -52,6 +52,25 @@ double to_timeout(const py::object& timeout) {
     return timeout.cast<double>();
 }
 
+// Forks through `fork` (returns a pid; 0 in the child) with Python's own before/after
+// hooks around it, as os.fork does.
+template <typename Fork>
+pid_t python_fork(Fork&& fork) {
+    PyOS_BeforeFork();
+    pid_t pid;
+    try {
+        pid = fork();
+    } catch (...) {
+        PyOS_AfterFork_Parent();
+        throw;
+    }
+    if (pid == 0)
+        PyOS_AfterFork_Child();
+    else
+        PyOS_AfterFork_Parent();
+    return pid;
+}
+
 template <typename Fn>
 py::list interruptible(Fn&& fn) {
     SignalCheck check;
@@ -92,19 +111,7 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "zygote_fork",
         [](int owner) {
-            PyOS_BeforeFork();
-            pid_t pid;
-            try {
-                pid = fastspawn::zygote_fork(static_cast<pid_t>(owner));
-            } catch (...) {
-                PyOS_AfterFork_Parent();
-                throw;
-            }
-            if (pid == 0)
-                PyOS_AfterFork_Child();
-            else
-                PyOS_AfterFork_Parent();
-            return pid;
+            return python_fork([owner] { return fastspawn::zygote_fork(static_cast<pid_t>(owner)); });
         },
         py::arg("owner"),
         "In the zygote: fork a child of the zygote's parent (clone CLONE_PARENT). Returns 0 "
@@ -140,18 +147,7 @@ PYBIND11_MODULE(_core, m) {
             [](Group& g, int rank) {
                 int control = -1;
                 int result = -1;
-                PyOS_BeforeFork();
-                pid_t pid;
-                try {
-                    pid = g.start_fork(rank, control, result);
-                } catch (...) {
-                    PyOS_AfterFork_Parent();
-                    throw;
-                }
-                if (pid == 0)
-                    PyOS_AfterFork_Child();
-                else
-                    PyOS_AfterFork_Parent();
+                const pid_t pid = python_fork([&] { return g.start_fork(rank, control, result); });
                 return py::make_tuple(pid, control, result);
             },
             py::arg("rank"),

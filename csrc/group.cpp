@@ -51,6 +51,28 @@ constexpr std::uint64_t kResultTag = 1;
 constexpr std::size_t kDefaultPipeSize = 65536;
 constexpr std::size_t kMaxPipeSize = 1 << 20;
 
+// A point in time `timeout` seconds from now (< 0 or infinite: never).
+class Deadline {
+public:
+    explicit Deadline(double timeout)
+        : forever_(timeout < 0 || std::isinf(timeout)),
+          at_(forever_ ? Clock::time_point::max()
+                       : Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(timeout))) {}
+    // Milliseconds left, rounded up (so a wait never ends early); -1 for never.
+    int ms_left() const {
+        if (forever_) return -1;
+        const auto ms = std::chrono::ceil<std::chrono::milliseconds>(at_ - Clock::now()).count();
+        return static_cast<int>(std::clamp<long long>(ms, 0, INT32_MAX));
+    }
+    bool passed() const { return !forever_ && Clock::now() >= at_; }
+
+private:
+    using Clock = std::chrono::steady_clock;
+    bool forever_;
+    Clock::time_point at_;
+};
+
 void epoll_add(int ep, int fd, std::uint64_t data) {
     epoll_event ev{};
     ev.events = EPOLLIN;
@@ -302,12 +324,7 @@ std::pair<int, int> Group::open_channels(int rank) {
 }
 
 std::vector<int> Group::adopt(double timeout, const InterruptCheck& interrupted) {
-    using Clock = std::chrono::steady_clock;
-    const bool forever = timeout < 0 || std::isinf(timeout);
-    const auto deadline =
-        forever ? Clock::time_point::max()
-                : Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(timeout));
+    const Deadline deadline(timeout);
     std::vector<int> adopted;
     for (;;) {
         std::vector<pollfd> pfds;
@@ -322,11 +339,7 @@ std::vector<int> Group::adopt(double timeout, const InterruptCheck& interrupted)
             }
         }
         if (pfds.empty()) return adopted;
-        int ms = -1;
-        if (!forever) {
-            const auto ms_left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
-            ms = static_cast<int>(std::clamp<long long>(ms_left, 0, INT32_MAX));
-        }
+        const int ms = deadline.ms_left();
         const int n = ::poll(pfds.data(), pfds.size(), ms);
         if (n < 0) {
             if (errno != EINTR) throw_errno("poll");
@@ -423,12 +436,7 @@ std::vector<ExitInfo> Group::collect(bool all, std::size_t known, bool& done) co
 
 std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
                                   const InterruptCheck& interrupted) {
-    using Clock = std::chrono::steady_clock;
-    const bool forever = timeout < 0 || std::isinf(timeout);
-    const auto deadline =
-        forever ? Clock::time_point::max()
-                : Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                     std::chrono::duration<double>(timeout));
+    const Deadline deadline(timeout);
     for (;;) {
         {
             std::lock_guard<std::mutex> lock(engine_mutex());
@@ -438,12 +446,7 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
             if (done) return out;
             ++blocked_;
         }
-        int ms = -1;
-        if (!forever) {
-            const auto left = deadline - Clock::now();
-            const auto ms_left = std::chrono::ceil<std::chrono::milliseconds>(left).count();
-            ms = static_cast<int>(std::clamp<long long>(ms_left, 0, INT32_MAX));
-        }
+        const int ms = deadline.ms_left();
         epoll_event evs[64];
         const int n = ::epoll_wait(epoll_.get(), evs, 64, ms);
         const int err = errno;
@@ -471,7 +474,7 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
             else
                 drain_result(s, false);
         }
-        if (n == 0 && ms >= 0 && Clock::now() >= deadline) {
+        if (n == 0 && deadline.passed()) {
             bool done = false;
             return collect(false, known, done);  // time is up: whatever the log holds
         }
