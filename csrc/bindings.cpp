@@ -191,6 +191,8 @@ PYBIND11_MODULE(_core, m) {
             },
             py::arg("grace"),
             "SIGTERM every live child, wait up to `grace` s, SIGKILL their process groups, reap.")
+        .def("begin_stop", &Group::begin_stop,
+             "From now on, reaping a child first SIGKILLs what is left in its process group.")
         .def("send_signal", &Group::send_signal, py::arg("rank"), py::arg("sig"),
              py::arg("group") = false)
         .def("pid", &Group::pid, py::arg("rank"))

@@ -400,9 +400,10 @@ void Group::reap(int rank) {
     if (::waitid(P_PID, static_cast<id_t>(s.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
         info.si_pid == 0)
         return;  // not exited yet
-    // Exited (a zombie: its pid is still ours). Take what it wrote, end what it left.
+    // Exited (a zombie: its pid, and so its process group's id, is still ours). Take what
+    // it wrote; when it failed or we are stopping, end what it left in its group.
     drain_result(s, true);
-    if (stopping_) ::kill(-s.pid, SIGKILL);
+    if (stopping_ || decode_status(info) != 0) ::kill(-s.pid, SIGKILL);
     info = siginfo_t{};
     int rc;
     do {
@@ -488,6 +489,11 @@ bool Group::send_signal(int rank, int sig, bool group) {
     // Not reaped, so the pid (and the process group it leads) cannot have been reused.
     if (group) ::kill(-s.pid, sig);
     return ::kill(s.pid, sig) == 0;
+}
+
+void Group::begin_stop() noexcept {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    stopping_ = true;
 }
 
 void Group::stop(double grace) {

@@ -70,6 +70,9 @@ public:
     // reaped. Returns whether it was sent.
     bool send_signal(int rank, int sig, bool group = false);
 
+    // From now on, reaping a child first SIGKILLs what is left in its process group.
+    void begin_stop() noexcept;
+
     // SIGTERM to every live child, up to `grace` seconds, then SIGKILL to their process
     // groups; reaps all (see wait() for the log).
     void stop(double grace);

@@ -72,3 +72,15 @@ def register_atexit(rank, path):
 
 def print_rank(rank):
     print(f"rank-{rank}", flush=True)
+
+
+def report_open_fds(rank, conn):
+    from multiprocessing import parent_process
+
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the one listdir used
+    conn.send({"fds": fds, "sentinel": parent_process()._sentinel, "conn": conn.fileno()})

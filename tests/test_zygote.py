@@ -396,3 +396,16 @@ def test_children_write_to_the_callers_current_stdout(fresh_zygote, tmp_path):
         os.close(saved)
     text = _read(str(out))
     assert "rank-0" in text and "rank-1" in text, text
+
+
+def test_zygote_child_only_has_the_fds_it_needs(fresh_zygote):
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with reader, writer:
+        fastspawn.spawn(workers.report_open_fds, args=(writer,), nprocs=1)
+        report = reader.recv()
+    extra = {fd: target for fd, target in report["fds"].items() if fd > 2 and target != os.devnull}
+    # Its control pipe (the parent sentinel), its result pipe, the resource tracker's
+    # pipe and the connection it was given: nothing of the zygote's or its siblings'.
+    assert report["sentinel"] in extra and report["conn"] in extra
+    assert len(extra) == 4, extra
+    assert not any(target.startswith("socket:") for target in extra.values()), extra

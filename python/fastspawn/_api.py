@@ -341,6 +341,7 @@ class ProcessContext:
         self._raise_failure(run, error_index)
 
     def _shut_down(self, run: _Run, grace_period: Optional[float]) -> None:
+        run.group.begin_stop()  # what the children started goes with them
         if grace_period is not None:
             run.wait_all(grace_period)
         for process in self.processes:

@@ -214,8 +214,9 @@ def main() -> None:
     del sys.argv[1:]
     from multiprocessing import process, spawn
 
-    with os.fdopen(os.dup(control_fd), "rb") as control:
+    with os.fdopen(control_fd, "rb") as control:
         config = pickle.loads(_payload.read_frame(control))
+    os.close(_result_fd)  # the zygote reports over its socket; children get only their own
     sock = socket.socket(fileno=config["sock_fd"])
     status: Dict[str, Any] = {"op": "ready", "pid": os.getpid()}
     current = process.current_process()

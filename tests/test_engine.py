@@ -1,0 +1,936 @@
+"""Engine-level behaviour of fastspawn: process lifetime, cleanup, leaks, signals.
+
+These tests look at what the engine promises beyond the torch API: no process outlives
+its owner, nothing is left behind (processes, zombies, fds, temp files), results of
+any size come back, Ctrl-C ends everything, and the thread-watcher fallback behaves
+like the pidfd path. Child functions live in ``_engine_workers`` (cheap to import).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from multiprocessing import resource_tracker
+
+import psutil
+import pytest
+
+import _engine_workers as w
+import fastspawn
+from fastspawn import ProcessExitedException, ProcessRaisedException, _core
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+ALL_METHODS = ["spawn", "fork", "forkserver"]
+methods = pytest.mark.parametrize("method", ALL_METHODS)
+exec_methods = pytest.mark.parametrize("method", ["spawn", "forkserver"])
+watch_modes = pytest.mark.parametrize("watch", ["pidfd", "thread"])
+
+# Bounded waits. They only matter when something is broken; a passing run never waits
+# for them to expire.
+GONE_DEADLINE = 20.0  # for an external process to disappear
+REPORT_TIMEOUT = 60.0  # for a child's report on a queue / a driver's line of output
+
+
+# --------------------------------------------------------------------------- helpers
+def children_now() -> set:
+    """Pids of our direct children, zombies included."""
+    return {c.pid for c in psutil.Process().children()}
+
+
+def open_fds() -> set:
+    """The fds open in this process (without the one used to list them)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # listdir's own descriptor, closed by now
+        fds.add(fd)
+    return fds
+
+
+def is_gone(proc: psutil.Process) -> bool:
+    """True once ``proc`` has ended: no such process, or a zombie someone else must reap.
+
+    A zombie that is *our* child is not gone: we failed to reap it.
+    """
+    try:
+        if not proc.is_running():  # also False if the pid was reused
+            return True
+        if proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid():
+            return True
+    except psutil.NoSuchProcess:
+        return True
+    return False
+
+
+def wait_gone(procs, deadline: float = GONE_DEADLINE) -> list:
+    """Polls until every process in ``procs`` is gone; returns those still there."""
+    end = time.monotonic() + deadline
+    left = list(procs)
+    while left:
+        left = [p for p in left if not is_gone(p)]
+        if not left or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def describe(procs) -> list:
+    out = []
+    for p in procs:
+        try:
+            out.append((p.pid, p.status(), p.ppid(), p.cmdline()))
+        except psutil.Error as exc:
+            out.append((p.pid, repr(exc)))
+    return out
+
+
+def assert_all_gone(procs, deadline: float = GONE_DEADLINE) -> None:
+    left = wait_gone(procs, deadline)
+    assert not left, f"still alive after {deadline} s: {describe(left)}"
+
+
+def as_procs(pids) -> list:
+    """psutil handles for ``pids`` (an already vanished pid gets a dead stand-in)."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass  # already gone: nothing to wait for
+    return procs
+
+
+def assert_reaped(pids) -> None:
+    """None of ``pids`` is our child any more (neither running nor a zombie)."""
+    ours = children_now()
+    leftover = sorted(set(pids) & ours)
+    assert not leftover, f"still our children (zombies or running): {describe(as_procs(leftover))}"
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def get_n(q, n: int, timeout: float = REPORT_TIMEOUT) -> list:
+    """``n`` items from a multiprocessing queue, with one overall deadline."""
+    end = time.monotonic() + timeout
+    return [q.get(timeout=max(0.0, end - time.monotonic())) for _ in range(n)]
+
+
+def join_all(ctx) -> None:
+    while not ctx.join():
+        pass
+
+
+def wait_blocked_in_epoll(task_dir: str, deadline: float = REPORT_TIMEOUT, alive=lambda: True) -> None:
+    """Polls /proc/.../task/TID/wchan until that thread sleeps in epoll_wait."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end and alive():
+        try:
+            with open(os.path.join(task_dir, "wchan")) as f:
+                if "epoll" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{task_dir} never blocked in epoll_wait")
+
+
+class Gate:
+    """What children wait on (see ``_engine_workers.wait_gate``); ``open()`` releases them."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+
+    def open(self) -> None:
+        self.writer.send_bytes(b"go")
+
+
+def watch_env(monkeypatch, watch: str) -> None:
+    if watch == "thread":
+        monkeypatch.setenv("FASTSPAWN_PIDFD", "0")
+    else:
+        monkeypatch.delenv("FASTSPAWN_PIDFD", raising=False)
+
+
+def watch_mode(ctx) -> str:
+    return ctx.processes[0]._run.group.watch_mode
+
+
+@pytest.fixture
+def tracker():
+    """multiprocessing's resource tracker is one of our children once any test used it.
+
+    Start it up front so that it does not show up as a "new child" in a test.
+    """
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture
+def cleanup():
+    """Processes (psutil handles or Drivers) a test registers; killed at teardown if left."""
+    registered = []
+    yield registered
+    # Leftover children and grandchildren first, then the drivers.
+    for item in sorted(registered, key=lambda item: isinstance(item, Driver)):
+        try:
+            if isinstance(item, Driver):
+                item.close()
+            elif not is_gone(item):
+                item.kill()
+        except (psutil.Error, OSError):
+            pass
+
+
+class Driver:
+    """A Python script run as a subprocess.
+
+    Its stdout and stderr go to files (not pipes: children that wrongly outlive the
+    driver would hold a pipe open); ``line()`` waits for the next complete stdout line.
+    """
+
+    PRELUDE = textwrap.dedent(
+        """\
+        import json, os, signal, sys
+        sys.path.insert(0, {tests_dir!r})
+        # Python ignores Ctrl-C if started with SIGINT ignored (e.g. as a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        """
+    )
+
+    def __init__(self, tmp_path, body: str, *args) -> None:
+        script = tmp_path / "driver.py"
+        # Guarded: spawn children import the main script again as __mp_main__.
+        script.write_text(
+            self.PRELUDE.format(tests_dir=TESTS_DIR)
+            + "if __name__ == '__main__':\n"
+            + textwrap.indent(textwrap.dedent(body), "    ")
+        )
+        self.stdout_path = tmp_path / "driver.stdout"
+        self.stderr_path = tmp_path / "driver.stderr"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=out, stderr=err)
+        self._consumed = 0  # bytes of stdout already returned by line()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _next_line(self):
+        data = self.stdout_path.read_bytes()[self._consumed :]
+        end = data.find(b"\n")
+        if end < 0:
+            return None
+        self._consumed += end + 1
+        return data[: end + 1].decode()
+
+    def line(self, timeout: float = REPORT_TIMEOUT) -> str:
+        """The next line the driver prints (polls its stdout file until the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None
+            text = self._next_line()
+            if text is not None:
+                return text
+            if exited:
+                raise AssertionError(
+                    f"driver ended (code {self.proc.returncode}) early; stderr:\n{self.stderr()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"driver printed nothing within {timeout} s; stderr:\n{self.stderr()}")
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = REPORT_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"driver still running after {timeout} s; stderr:\n{self.stderr()}") from None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def rest_of_stdout(self) -> list:
+        """The lines not returned by line() yet (call once the driver has exited)."""
+        lines = []
+        while True:
+            text = self._next_line()
+            if text is None:
+                return lines
+            lines.append(text)
+
+    def close(self) -> None:
+        """Kill the driver if still running, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+# ------------------------------------------------- 1. the parent dies: nothing survives
+DRIVER_HOLD = """
+import multiprocessing
+import fastspawn
+import _engine_workers as w
+method = sys.argv[1]
+reports = multiprocessing.get_context(method).Queue()
+ctx = fastspawn.start_processes(
+    w.grandchild_then, args=(reports, "sleep"), nprocs=2, join=False, start_method=method
+)
+print(json.dumps([reports.get(timeout=60) for _ in range(2)]), flush=True)
+while not ctx.join():
+    pass
+"""
+
+
+@methods
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_parent_death_leaves_no_descendants(tmp_path, cleanup, method, sig):
+    driver = Driver(tmp_path, DRIVER_HOLD, method)
+    cleanup.append(driver)
+    reports = json.loads(driver.line())
+    children = as_procs(r[1] for r in reports)
+    grandchildren = as_procs(r[2] for r in reports)
+    cleanup.extend(children + grandchildren)
+    assert len(children) == len(grandchildren) == 2
+    for _rank, child, grandchild in reports:
+        assert os.getpgid(child) == child
+        assert os.getpgid(grandchild) == child  # the grandchild is in its parent's group
+
+    os.kill(driver.pid, sig)
+    assert driver.wait() == -sig
+    assert_all_gone(children + grandchildren)
+
+
+# -------------------------------------------- 2. the thread that spawned exits first
+@methods
+@pytest.mark.parametrize("thread_waits_for_children", [False, True], ids=["thread-exits-at-once", "thread-waits-ready"])
+def test_children_survive_the_exit_of_the_spawning_thread(method, thread_waits_for_children):
+    mp = multiprocessing.get_context(method)
+    ready, answers, gate = mp.Queue(), mp.Queue(), Gate()
+    holder: dict = {}
+
+    def starter():
+        try:
+            holder["tid"] = threading.get_native_id()
+            holder["ctx"] = fastspawn.start_processes(
+                w.ready_then_answer,
+                args=(ready, gate.reader, answers),
+                nprocs=2,
+                join=False,
+                start_method=method,
+            )
+            if thread_waits_for_children:  # the parent-death handler is armed by now
+                holder["ready"] = get_n(ready, 2)
+        except BaseException as exc:  # reported by the main thread
+            holder["error"] = exc
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    thread.join()
+    assert "error" not in holder, holder["error"]
+    ctx = holder.pop("ctx")
+    pids = ctx.pids()
+    # The kernel sends PR_SET_PDEATHSIG while it releases the thread, before its
+    # /proc/self/task entry goes away: once it has, the signal has been sent.
+    task_dir = f"/proc/self/task/{holder['tid']}"
+    end = time.monotonic() + GONE_DEADLINE
+    while os.path.exists(task_dir) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not os.path.exists(task_dir)
+
+    ready_reports = holder.get("ready") or get_n(ready, 2)
+    assert sorted(pid for _, pid in ready_reports) == sorted(pids)
+    gate.open()
+    join_all(ctx)  # raises ProcessExitedException if the thread's exit killed them
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
+    answered = sorted(get_n(answers, 2))  # they answered after the thread was gone
+    assert [(rank, pid) for rank, pid, _ in answered] == list(enumerate(pids))
+    assert all(ppid == os.getpid() for _, _, ppid in answered)
+    assert_reaped(pids)
+
+
+# ------------------------------------ 3. a child with its own children kills itself
+@methods
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_nested_children_die_with_their_parent(cleanup, method, sig):
+    pids_queue = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(
+        w.nested_parent, args=(pids_queue, method, sig), nprocs=1, join=False, start_method=method
+    )
+    grandchildren = as_procs(pids_queue.get(timeout=REPORT_TIMEOUT))
+    cleanup.extend(grandchildren)
+    with pytest.raises(ProcessExitedException) as info:
+        join_all(ctx)
+    assert info.value.exit_code == -sig
+    assert info.value.signal_name == signal.Signals(sig).name
+    assert_all_gone(grandchildren)
+    assert_reaped(ctx.pids())
+
+
+# ------------------------------------------------------------------ 4. no zombies
+@methods
+@watch_modes
+def test_no_zombie_after_join_returns(monkeypatch, tracker, method, watch):
+    watch_env(monkeypatch, watch)
+    before = children_now()
+    ctx = fastspawn.start_processes(w.noop, nprocs=3, join=False, start_method=method)
+    assert watch_mode(ctx) == watch
+    pids = ctx.pids()
+    join_all(ctx)
+    assert [p.exitcode for p in ctx.processes] == [0, 0, 0]
+    assert_reaped(pids)
+    assert not children_now() - before
+
+
+@methods
+def test_no_zombie_after_join_raises(tracker, method):
+    before = children_now()
+    mp = multiprocessing.get_context(method)
+    ready, gate = mp.Queue(), Gate()
+    ctx = fastspawn.start_processes(
+        w.rank0_raises_others_wait, args=(ready, gate.reader, "boom"), nprocs=2, join=False, start_method=method
+    )
+    pids = ctx.pids()
+    with pytest.raises(ProcessRaisedException, match="boom"):
+        join_all(ctx)
+    assert [p.exitcode for p in ctx.processes] == [1, -signal.SIGTERM]
+    assert_reaped(pids)
+    assert not children_now() - before
+
+
+@methods
+@pytest.mark.parametrize("ignore", [(), (signal.SIGTERM,)], ids=["plain", "ignores-SIGTERM"])
+def test_collected_context_warns_and_reaps(tracker, method, ignore):
+    before = children_now()
+    ready = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(
+        w.ready_then_sleep, args=(ready, ignore), nprocs=2, join=False, start_method=method
+    )
+    pids = ctx.pids()
+    get_n(ready, 2)
+    with pytest.warns(ResourceWarning, match="garbage collected"):
+        del ctx
+        gc.collect()
+    assert_reaped(pids)
+    assert not children_now() - before
+
+
+DRIVER_AT_EXIT = """
+import atexit
+
+def last():
+    # Registered before fastspawn is imported, so it runs after fastspawn's exit hook.
+    reaped = []
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+            reaped.append(False)
+        except ChildProcessError:
+            reaped.append(True)
+    done = [os.path.exists(os.path.join(directory, f"{i}.done")) for i in range(2)]
+    print(json.dumps({"reaped": reaped, "done": done}), flush=True)
+
+atexit.register(last)
+import multiprocessing
+import fastspawn
+import _engine_workers as w
+method, directory, daemon = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+pids = []
+mp = multiprocessing.get_context(method)
+ready = mp.Queue()
+gate, gate_writer = multiprocessing.Pipe(duplex=False)
+ctx = fastspawn.start_processes(
+    w.marker_after_gate, args=(ready, gate, directory), nprocs=2, join=False,
+    daemon=daemon, start_method=method,
+)
+pids.extend(pid for _, pid in (ready.get(timeout=60) for _ in range(2)))
+print(json.dumps(pids), flush=True)
+if not daemon:
+    # Runs first at exit (after this, fastspawn's hook must wait for the children).
+    atexit.register(gate_writer.send_bytes, b"go")
+"""
+
+
+@methods
+@pytest.mark.parametrize("daemon", [False, True], ids=["non-daemon", "daemon"])
+def test_interpreter_exit(tmp_path, cleanup, method, daemon):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    driver = Driver(tmp_path, DRIVER_AT_EXIT, method, markers, int(daemon))
+    cleanup.append(driver)
+    children = as_procs(json.loads(driver.line()))
+    cleanup.extend(children)
+    report = json.loads(driver.line())
+    assert driver.wait() == 0, driver.stderr()
+    assert report["reaped"] == [True, True]
+    if daemon:  # terminated at exit, never released
+        assert report["done"] == [False, False]
+        assert sorted(os.listdir(markers)) == []
+    else:  # joined at exit: they finished before the driver's last exit hook
+        assert report["done"] == [True, True]
+        assert sorted(os.listdir(markers)) == ["0.done", "1.done"]
+    assert_all_gone(children)
+
+
+# ------------------------------------------------------- 5. no fd / temp-file leak
+def test_no_fd_or_tempfile_leak_after_200_starts(tmp_path, monkeypatch, tracker):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))  # children inherit it
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(private_tmp)
+    gc.collect()  # fds of earlier tests' garbage must not close during this one
+    fds_before = open_fds()
+    children_before = children_now()
+
+    for k in range(180):
+        if k % 20 == 19:  # the failure path too
+            with pytest.raises(ProcessRaisedException, match="leak check"):
+                fastspawn.start_processes(w.raise_value_error, args=("leak check",), nprocs=1, start_method="fork")
+        else:
+            fastspawn.start_processes(w.noop, nprocs=1 + k % 2, start_method="fork")
+    for k in range(20):
+        if k == 10:
+            with pytest.raises(ProcessExitedException):
+                fastspawn.start_processes(w.exit_with, args=(3,), nprocs=1, start_method="spawn")
+        else:
+            fastspawn.start_processes(w.noop, nprocs=1, start_method="spawn")
+
+    gc.collect()
+    assert open_fds() == fds_before
+    assert not children_now() - children_before
+    assert os.listdir(private_tmp) == []
+
+
+def test_no_fd_leak_with_thread_watchers(monkeypatch, tracker):
+    """FASTSPAWN_PIDFD=0: each child has a watcher thread holding an fd until it ends."""
+    watch_env(monkeypatch, "thread")
+    gc.collect()
+    fds_before = open_fds()
+    threads_before = set(os.listdir("/proc/self/task"))
+    for k in range(40):
+        fastspawn.start_processes(w.noop, nprocs=2, start_method="fork")
+    for k in range(5):
+        fastspawn.start_processes(w.noop, nprocs=1, start_method="spawn")
+    with pytest.raises(ProcessRaisedException, match="leak check"):
+        fastspawn.start_processes(w.raise_value_error, args=("leak check",), nprocs=2, start_method="fork")
+    # The watcher threads end on their own once their child has exited.
+    end = time.monotonic() + GONE_DEADLINE
+    while set(os.listdir("/proc/self/task")) - threads_before and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not set(os.listdir("/proc/self/task")) - threads_before, "watcher threads left"
+    gc.collect()
+    assert open_fds() == fds_before
+
+
+@pytest.mark.parametrize("method", ["forkserver"])  # the fresh-interpreter path (conftest.py)
+def test_exec_child_only_has_the_fds_it_needs(method):
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with reader, writer:
+        ctx = fastspawn.start_processes(w.report_fds, args=(writer,), nprocs=1, join=False, start_method=method)
+        assert reader.poll(REPORT_TIMEOUT)
+        report = reader.recv()
+        join_all(ctx)
+        assert report["owner"] == os.getpid()
+        assert report["sentinel"] == report["control"]
+        assert report["conn"] == writer.fileno()  # passed at the same number
+        needed = {report["control"], report["result"], report["tracker"], report["conn"]}
+        assert len(needed) == 4
+        own = {0, 1, 2}
+        if report["stdin"] is not None and report["links"].get(report["stdin"]) == os.devnull:
+            own.add(report["stdin"])  # multiprocessing's bootstrap reopens stdin itself
+        assert set(report["open"]) - own == needed, report["links"]
+
+
+# ----------------------------------------------------------- 6. huge tracebacks
+BIG = 10 * 1024 * 1024
+
+
+@methods
+@watch_modes
+@pytest.mark.parametrize("nprocs", [1, 4])
+def test_huge_exception_message_arrives_whole(monkeypatch, method, watch, nprocs):
+    watch_env(monkeypatch, watch)
+    with pytest.raises(ProcessRaisedException) as info:
+        fastspawn.start_processes(w.raise_big, args=(BIG,), nprocs=nprocs, start_method=method)
+    err = info.value
+    assert 0 <= err.error_index < nprocs
+    expected = w.big_message(err.error_index, BIG)
+    assert expected in str(err)
+    assert isinstance(err.__cause__, RuntimeError)
+    assert str(err.__cause__) == expected
+
+
+# ------------------------------------------------------------------- 7. Ctrl-C
+DRIVER_CTRL_C = """
+import multiprocessing
+import psutil
+import fastspawn
+import _engine_workers as w
+from multiprocessing import resource_tracker
+method, directory = sys.argv[1], sys.argv[2]
+ignore = tuple(int(s) for s in sys.argv[3].split(",") if s)
+try:
+    fastspawn.start_processes(w.pid_file_then_sleep, args=(directory, ignore), nprocs=2, start_method=method)
+    print("returned", flush=True)
+except KeyboardInterrupt:
+    # What is still our child when Ctrl-C comes out of start_processes (not the tracker,
+    # nor the zygote, which lives until exit)?
+    zygote = fastspawn._api._zygotes.current
+    helpers = {resource_tracker._resource_tracker._pid, zygote.pid if zygote else None}
+    kids = {c.pid for c in psutil.Process().children()} - helpers
+    print(json.dumps({"left": sorted(kids)}), flush=True)
+    raise
+"""
+
+
+@pytest.mark.parametrize(
+    "method,ignore",
+    [
+        ("spawn", ()),
+        ("fork", ()),
+        ("forkserver", ()),
+        ("spawn", (signal.SIGINT,)),
+        ("spawn", (signal.SIGINT, signal.SIGTERM)),
+    ],
+    ids=["spawn", "fork", "forkserver", "spawn-ignores-SIGINT", "spawn-ignores-SIGINT-SIGTERM"],
+)
+def test_ctrl_c_during_join(tmp_path, cleanup, method, ignore):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    driver = Driver(tmp_path, DRIVER_CTRL_C, method, pid_dir, ",".join(str(int(s)) for s in ignore))
+    cleanup.append(driver)
+    alive = lambda: driver.proc.poll() is None  # noqa: E731
+    # Ready = both children wrote their pid, and the driver sleeps in the engine's wait.
+    end = time.monotonic() + REPORT_TIMEOUT
+    while len([n for n in os.listdir(pid_dir) if n.endswith(".pid")]) < 2:
+        assert alive(), driver.stderr()
+        assert time.monotonic() < end, "children never reported"
+        time.sleep(0.01)
+    children = as_procs(int((pid_dir / f"{i}.pid").read_text()) for i in range(2))
+    cleanup.extend(children)
+    wait_blocked_in_epoll(f"/proc/{driver.pid}/task/{driver.pid}", alive=alive)
+
+    os.kill(driver.pid, signal.SIGINT)
+    code = driver.wait()
+    stderr = driver.stderr()
+    assert code != 0
+    assert "KeyboardInterrupt" in stderr
+    out = driver.rest_of_stdout()
+    assert out == ['{"left": []}\n'], (out, stderr)
+    assert_all_gone(children)
+
+
+# ------------------------------------------- 8. bad input: raise before starting
+BAD_ARGUMENTS = [
+    pytest.param(dict(fn=w.noop, nprocs=-1), ValueError, "nprocs", id="nprocs=-1"),
+    pytest.param(dict(fn=w.noop, nprocs=1.5), TypeError, "nprocs", id="nprocs=1.5"),
+    pytest.param(dict(fn=w.noop, nprocs="2"), TypeError, "nprocs", id="nprocs='2'"),
+    pytest.param(dict(fn=42, nprocs=1), TypeError, "callable", id="fn=42"),
+]
+
+
+@pytest.fixture
+def nothing_left(tmp_path, monkeypatch, tracker):
+    """Asserts at teardown that the test left no process, fd or temp file."""
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    gc.collect()  # fds of earlier tests' garbage must not close during this one
+    fds, children = open_fds(), children_now()
+    yield
+    gc.collect()
+    assert not children_now() - children
+    assert open_fds() == fds
+    assert os.listdir(private_tmp) == []
+
+
+@methods
+@pytest.mark.parametrize("kwargs,error,words", BAD_ARGUMENTS)
+def test_bad_arguments_raise_before_start(nothing_left, method, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        fastspawn.start_processes(join=False, start_method=method, **kwargs)
+
+
+def test_unknown_start_method(nothing_left):
+    with pytest.raises(ValueError, match="start_method"):
+        fastspawn.start_processes(w.noop, nprocs=1, start_method="thread")
+
+
+@exec_methods
+def test_unpicklable_function_is_named(nothing_left, method):
+    def local_fn(i):
+        pass
+
+    for fn in (lambda i: None, local_fn):
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)) as info:
+            fastspawn.start_processes(fn, nprocs=2, join=False, start_method=method)
+        assert fn.__qualname__ in str(info.value)
+
+
+@exec_methods
+def test_unpicklable_argument_is_named(nothing_left, method):
+    with pytest.raises((pickle.PicklingError, TypeError)) as info:
+        fastspawn.start_processes(w.noop, args=(1, threading.Lock()), nprocs=2, join=False, start_method=method)
+    assert "args[1]" in str(info.value)
+
+
+# --------------------------------- 9. the thread watcher behaves like the pidfd one
+@methods
+@watch_modes
+def test_watch_mode_success(monkeypatch, method, watch):
+    watch_env(monkeypatch, watch)
+    ctx = fastspawn.start_processes(w.noop, nprocs=2, join=False, start_method=method)
+    assert watch_mode(ctx) == watch
+    join_all(ctx)
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
+    assert_reaped(ctx.pids())
+
+
+@methods
+@watch_modes
+def test_watch_mode_failure(monkeypatch, method, watch):
+    watch_env(monkeypatch, watch)
+    mp = multiprocessing.get_context(method)
+    ready, gate = mp.Queue(), Gate()
+    ctx = fastspawn.start_processes(
+        w.rank0_raises_others_wait, args=(ready, gate.reader, "boom-42"), nprocs=2, join=False, start_method=method
+    )
+    assert watch_mode(ctx) == watch
+    with pytest.raises(ProcessRaisedException, match="boom-42") as info:
+        join_all(ctx)
+    assert info.value.error_index == 0
+    assert info.value.error_pid == ctx.pids()[0]
+    assert isinstance(info.value.__cause__, ValueError)
+    assert [p.exitcode for p in ctx.processes] == [1, -signal.SIGTERM]
+    assert_reaped(ctx.pids())
+
+
+@methods
+@watch_modes
+def test_watch_mode_exit_code(monkeypatch, method, watch):
+    watch_env(monkeypatch, watch)
+    ctx = fastspawn.start_processes(w.exit_with, args=(3,), nprocs=1, join=False, start_method=method)
+    assert watch_mode(ctx) == watch
+    with pytest.raises(ProcessExitedException, match="exit code 3") as info:
+        join_all(ctx)
+    assert info.value.exit_code == 3
+    assert_reaped(ctx.pids())
+
+
+@methods
+@watch_modes
+def test_watch_mode_kill(monkeypatch, method, watch):
+    watch_env(monkeypatch, watch)
+    ready = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(w.ready_then_sleep, args=(ready,), nprocs=2, join=False, start_method=method)
+    assert watch_mode(ctx) == watch
+    get_n(ready, 2)
+    ctx.processes[1].kill()
+    with pytest.raises(ProcessExitedException, match="SIGKILL") as info:
+        join_all(ctx)
+    assert info.value.error_index == 1
+    assert info.value.exit_code == -signal.SIGKILL
+    assert info.value.signal_name == "SIGKILL"
+    assert [p.exitcode for p in ctx.processes] == [-signal.SIGTERM, -signal.SIGKILL]
+    assert_reaped(ctx.pids())
+
+
+def test_default_watch_mode_is_pidfd(monkeypatch):
+    monkeypatch.delenv("FASTSPAWN_PIDFD", raising=False)
+    assert _core.pidfd_supported()
+    ctx = fastspawn.start_processes(w.noop, nprocs=1, join=False, start_method="fork")
+    assert watch_mode(ctx) == "pidfd"
+    join_all(ctx)
+
+
+# ----------------------------------------------- 10. join wakes up on the exit event
+@methods
+@watch_modes
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_join_timeout_then_wakes_on_exit(monkeypatch, method, watch, nprocs):
+    watch_env(monkeypatch, watch)
+    mp = multiprocessing.get_context(method)
+    ready, gate = mp.Queue(), Gate()
+    ctx = fastspawn.start_processes(
+        w.ready_then_wait, args=(ready, gate.reader), nprocs=nprocs, join=False, start_method=method
+    )
+    get_n(ready, nprocs)
+    assert ctx.join(timeout=0.05) is False
+    assert ctx.join(timeout=0) is False
+    assert all(p.is_alive() for p in ctx.processes)
+    assert multiprocessing.connection.wait(list(ctx.sentinels), timeout=0) == []
+
+    # Release the children only once this thread sleeps in join(timeout=None).
+    main_task = f"/proc/self/task/{threading.get_native_id()}"
+    releaser_error: list = []
+
+    def releaser():
+        try:
+            wait_blocked_in_epoll(main_task)
+        except BaseException as exc:
+            releaser_error.append(exc)
+        finally:
+            gate.open()  # never leave join() waiting forever
+
+    thread = threading.Thread(target=releaser)
+    thread.start()
+    try:
+        join_all(ctx)
+    finally:
+        thread.join()
+    assert not releaser_error, releaser_error
+    assert [p.exitcode for p in ctx.processes] == [0] * nprocs
+    assert_reaped(ctx.pids())
+
+
+# ------------------------------------------------------------ 11. the engine itself
+WAIT_FOR_CONTROL_EOF = "import os, sys; os.read(int(sys.argv[1]), 1)"
+
+ECHO_DIGEST = """\
+import hashlib, os, sys
+size = int(sys.argv[1])  # then the engine's CONTROL_FD RESULT_FD OWNER_PID
+control, result = int(sys.argv[-3]), int(sys.argv[-2])
+data = b""
+while len(data) < size:
+    chunk = os.read(control, size - len(data))
+    if not chunk:
+        break
+    data += chunk
+os.write(result, b"%d " % len(data) + hashlib.sha256(data).hexdigest().encode())
+"""
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_group_sentinel_readable_exactly_after_exit(tracker, use_pidfd):
+    before = children_now()
+    group = _core.Group(1, use_pidfd)
+    assert group.watch_mode == ("pidfd" if use_pidfd else "thread")
+    group.start_exec(0, sys.executable, [sys.executable, "-c", WAIT_FOR_CONTROL_EOF], [], [])
+    pid = group.pid(0)
+    sentinel = group.sentinel(0)
+    assert pid in children_now()
+    assert group.running(0)
+    assert select.select([sentinel], [], [], 0)[0] == []
+    assert group.wait(0.0, True) == []  # the exit log is empty
+
+    assert group.send_signal(0, signal.SIGTERM) is True
+    assert select.select([sentinel], [], [], REPORT_TIMEOUT)[0] == [sentinel]
+    exits = group.wait(None, True)
+    assert exits == [(0, pid, -signal.SIGTERM, b"")]
+    assert select.select([sentinel], [], [], 0)[0] == [sentinel]  # still, after the reap
+    assert not group.running(0)
+    assert group.send_signal(0, signal.SIGTERM) is False
+    assert group.send_signal(0, signal.SIGKILL, True) is False
+    assert group.wait(0.0, True) == exits  # the log, for any number of readers
+    assert group.wait(0.0, True, 1) == []  # nothing after the first entry
+    assert_reaped([pid])
+    assert not children_now() - before
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+@pytest.mark.parametrize("size", [11, 3 * 1024 * 1024 + 7], ids=["small", "3MB"])
+def test_group_input_and_result(tracker, use_pidfd, size):
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    chunks = [_core.Chunk(data[: size // 3]), _core.Chunk(data[size // 3 :])]
+    group = _core.Group(1, use_pidfd)
+    group.start_exec(0, sys.executable, [sys.executable, "-c", ECHO_DIGEST, str(size)], [], chunks)
+    pid = group.pid(0)
+    exits = group.wait(None, True)
+    expected = b"%d " % size + hashlib.sha256(data).hexdigest().encode()
+    assert exits == [(0, pid, 0, expected)]
+    assert_reaped([pid])
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_group_exec_missing_program(tracker, use_pidfd):
+    group = _core.Group(2, use_pidfd)
+    gc.collect()
+    before, fds = children_now(), open_fds()
+    with pytest.raises(FileNotFoundError):
+        group.start_exec(0, "/nonexistent", ["/nonexistent"], [], [])
+    assert group.pid(0) == -1
+    assert not group.running(0)
+    assert group.send_signal(0, signal.SIGTERM) is False
+    assert group.wait(0.0, True) == []
+    assert not children_now() - before
+    assert open_fds() == fds
+
+
+# --------------------------------------------------------- 12. process groups
+@methods
+def test_each_child_leads_its_own_process_group(method):
+    reports = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(w.report_ids, args=(reports,), nprocs=3, join=False, start_method=method)
+    got = sorted(get_n(reports, 3))
+    join_all(ctx)
+    pids = ctx.pids()
+    assert [rank for rank, *_ in got] == [0, 1, 2]
+    for rank, pid, pgid, sid in got:
+        assert pid == pids[rank]
+        assert pgid == pid
+        assert sid == os.getsid(0)  # a new group, not a new session
+    assert os.getpgid(0) not in pids
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_failure_shutdown_kills_grandchild_of_the_failed_child(cleanup, method):
+    reports = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(
+        w.grandchild_then, args=(reports, "raise"), nprocs=1, join=False, start_method=method
+    )
+    _rank, child, grandchild = reports.get(timeout=REPORT_TIMEOUT)
+    grandchildren = as_procs([grandchild])
+    cleanup.extend(grandchildren)
+    with pytest.raises(ProcessRaisedException, match="fails on purpose"):
+        join_all(ctx)
+    assert_all_gone(grandchildren)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_failure_shutdown_kills_grandchild_of_a_terminated_sibling(cleanup, method):
+    mp = multiprocessing.get_context(method)
+    reports, gate = mp.Queue(), Gate()
+    ctx = fastspawn.start_processes(w.failing_sibling, args=(reports, gate.reader), nprocs=2, join=False, start_method=method)
+    _rank, child, grandchild = reports.get(timeout=REPORT_TIMEOUT)
+    grandchildren = as_procs([grandchild])
+    cleanup.extend(grandchildren)
+    assert os.getpgid(grandchild) == child
+    gate.open()
+    with pytest.raises(ProcessRaisedException, match="rank 1 fails on purpose"):
+        join_all(ctx)
+    assert ctx.processes[0].exitcode == -signal.SIGTERM
+    assert_all_gone(grandchildren)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_collected_context_kills_grandchildren(cleanup, method):
+    reports = multiprocessing.get_context(method).Queue()
+    ctx = fastspawn.start_processes(
+        w.grandchild_then, args=(reports, "sleep"), nprocs=2, join=False, start_method=method
+    )
+    got = get_n(reports, 2)
+    grandchildren = as_procs(g for _, _, g in got)
+    cleanup.extend(grandchildren)
+    with pytest.warns(ResourceWarning, match="garbage collected"):
+        del ctx
+        gc.collect()
+    assert_all_gone(grandchildren)
