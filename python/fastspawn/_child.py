@@ -10,6 +10,10 @@ Three ways in, one body (:func:`_bootstrap`):
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.process
+import multiprocessing.resource_tracker
+import multiprocessing.spawn
+import multiprocessing.util
 import os
 import pickle
 import sys
@@ -71,7 +75,7 @@ def _report_setup_failure(result_fd: int, exc: BaseException) -> None:
 
 def load_call(spec: ChildSpec, payload: bytes) -> Call:
     """Unpickle ``(fn, args)`` as a spawned child does (fds mapped, tracker adopted)."""
-    from multiprocessing import process, resource_tracker
+    from multiprocessing import process, resource_tracker  # imported above, at load time
 
     _payload.set_inherited_fds(spec.fds)
     if spec.tracker_fd is not None:

@@ -177,8 +177,12 @@ def _apply(request: Dict[str, Any]) -> None:
     """The caller's context at the time of the call, not the zygote's."""
     from multiprocessing import process
 
-    os.environ.clear()
-    os.environ.update(request["env"])
+    env = request["env"]
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():  # only what differs: each change is a putenv
+        if os.environ.get(key) != value:
+            os.environ[key] = value
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     sys.path[:] = request["sys_path"]
@@ -188,7 +192,9 @@ def _apply(request: Dict[str, Any]) -> None:
     _reseed()
 
 
-def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
+def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
+    """Fork the request's children. Replies as soon as the first one exists (the caller
+    adopts them from their own pipes meanwhile); returns a reply only if none was sent."""
     module = request.get("fn_module")
     if module and module not in sys.modules:
         _import(module)  # a failure shows up in the children, with its traceback
@@ -196,14 +202,21 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
     if reason is not None:
         return {"ok": False, "fallback": reason}
     gc.freeze()  # fewer copy-on-write faults in the children
-    for rank in range(request["n"]):
-        try:
-            pid = _core.zygote_fork(owner)
-        except OSError as exc:
-            return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {exc}"}
-        if pid == 0:
-            _child_after_fork(request, rank, fds, sock)
-    return {"ok": True}
+    try:
+        pid = _core.zygote_fork(owner)
+    except OSError as exc:
+        return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {exc}"}
+    if pid == 0:
+        _child_after_fork(request, 0, fds, sock)
+    _send(sock, {"ok": True})
+    try:
+        for rank in range(1, request["n"]):
+            if _core.zygote_fork(owner) == 0:
+                _child_after_fork(request, rank, fds, sock)
+    except Exception:
+        # Already replied: the caller sees which ranks never announced themselves.
+        log.debug("fastspawn zygote: fork failed", exc_info=True)
+    return None
 
 
 def main() -> None:
@@ -239,6 +252,7 @@ def main() -> None:
             request, fds = _recv(sock)
         except (EOFError, OSError):
             os._exit(0)  # the owner closed the connection (or died): we are done
+        reply: Optional[Dict[str, Any]]
         try:
             if request["op"] == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
@@ -250,7 +264,8 @@ def main() -> None:
             reply = {"ok": False, "error": traceback.format_exc()}
         finally:
             _close_all(fds)
-        _send(sock, reply)
+        if reply is not None:
+            _send(sock, reply)
 
 
 # ------------------------------------------------------------------- caller side
