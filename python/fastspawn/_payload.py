@@ -131,7 +131,7 @@ def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[s
 
 # ----------------------------------------------------------------- result records
 class Record(NamedTuple):
-    """What a child reported: ``kind`` is "error" (traceback + exception) for now."""
+    """What a child reported: ``kind`` "error" carries the traceback and the exception."""
 
     kind: str
     traceback: str
