@@ -379,9 +379,8 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
-def fmt_ms(v: Optional[float]) -> str:
-    if v is None:
-        return "—"
+def _digits(v: float) -> str:
+    """About 3 significant digits, at least 2 decimals below 10."""
     if v >= 100:
         return f"{v:.0f}"
     if v >= 10:
@@ -389,15 +388,13 @@ def fmt_ms(v: Optional[float]) -> str:
     return f"{v:.2f}"
 
 
+def fmt_ms(v: Optional[float]) -> str:
+    return "—" if v is None else _digits(v)
+
+
 def fmt_x(v: Optional[float]) -> str:
-    """A factor: 3 significant digits, at least 2 decimals below 10."""
-    if v is None:
-        return "—"
-    if v >= 100:
-        return f"{v:.0f}×"
-    if v >= 10:
-        return f"{v:.1f}×"
-    return f"{v:.2f}×"
+    """A factor, e.g. 3.34×."""
+    return "—" if v is None else f"{_digits(v)}×"
 
 
 def fmt_mib(v: Optional[float]) -> str:

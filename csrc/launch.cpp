@@ -51,6 +51,14 @@ bool guard_child(pid_t owner) noexcept {
     return ::getppid() == owner;
 }
 
+// In a new fork (its own memory): the handler, the process group, the parent-death
+// signal. A child whose owner is already gone ends here.
+void arm_forked_child(pid_t owner) noexcept {
+    g_owner = owner;
+    install_handler();
+    if (!guard_child(owner)) ::kill(::getpid(), SIGKILL);
+}
+
 int sys_close_range(unsigned first, unsigned last) noexcept {
 #ifdef SYS_close_range
     return static_cast<int>(::syscall(SYS_close_range, first, last, 0u));
@@ -181,9 +189,7 @@ pid_t fork_child(pid_t owner) {
     const pid_t pid = ::fork();
     if (pid < 0) throw_errno("fork");
     if (pid == 0) {
-        g_owner = owner;
-        install_handler();
-        if (!guard_child(owner)) ::kill(::getpid(), SIGKILL);
+        arm_forked_child(owner);
         return 0;
     }
     ::setpgid(pid, pid);
@@ -210,9 +216,7 @@ pid_t zygote_fork(pid_t owner) {
 #endif
     if (pid < 0) throw_errno("clone(CLONE_PARENT)");
     if (pid == 0) {
-        g_owner = owner;
-        install_handler();
-        if (!guard_child(owner)) ::kill(::getpid(), SIGKILL);
+        arm_forked_child(owner);
         return 0;
     }
     return static_cast<pid_t>(pid);
