@@ -182,8 +182,12 @@ def report_environment(i, queue, name):
 
 
 def print_something(i):
-    print(f"stdout of rank {i}", flush=True)
-    print(f"stderr of rank {i}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and the newline separately, and two
+    # ranks printing at once could then interleave within a line.
+    sys.stdout.write(f"stdout of rank {i}\n")
+    sys.stdout.flush()
+    sys.stderr.write(f"stderr of rank {i}\n")
+    sys.stderr.flush()
 
 
 def raise_big(i, size):
