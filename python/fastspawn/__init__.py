@@ -21,6 +21,7 @@ _EXPORTS = {
     "spawn": "._api",
     "start_processes": "._api",
     "warmup": "._api",
+    "run": "._run",
     "ProcessException": "._errors",
     "ProcessExitedException": "._errors",
     "ProcessRaisedException": "._errors",
@@ -54,5 +55,6 @@ if TYPE_CHECKING:
         start_processes,
         warmup,
     )
+    from ._run import run
     from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
     from ._zygote import ZygoteError
