@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <tuple>
@@ -134,14 +135,27 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "start_exec",
             [](Group& g, int rank, const std::string& exe, const std::vector<std::string>& argv,
-               const std::vector<int>& pass_fds, const std::vector<PyChunk>& input) {
+               const std::vector<int>& pass_fds, const std::vector<PyChunk>& input, bool protocol,
+               const std::optional<std::vector<std::string>>& env,
+               const std::vector<std::pair<int, int>>& redirects, int death_signal) {
                 std::vector<Chunk> chunks;
                 chunks.reserve(input.size());
                 for (const auto& c : input) chunks.push_back(c.data);
-                g.start_exec(rank, exe, argv, pass_fds, std::move(chunks));
+                fastspawn::ExecOptions options;
+                options.protocol = protocol;
+                options.replace_env = env.has_value();
+                if (env) options.env = *env;
+                options.redirects = redirects;
+                options.death_signal = death_signal;
+                g.start_exec(rank, exe, argv, pass_fds, std::move(chunks), options);
             },
             py::arg("rank"), py::arg("exe"), py::arg("argv"), py::arg("pass_fds"), py::arg("input"),
-            "Start `rank` as `exe argv... CONTROL_FD RESULT_FD OWNER_PID` and send it `input`.")
+            py::kw_only(), py::arg("protocol") = true, py::arg("env") = py::none(),
+            py::arg("redirects") = std::vector<std::pair<int, int>>{}, py::arg("death_signal") = 0,
+            "Start `rank` as `exe argv... CONTROL_FD RESULT_FD OWNER_PID` and send it `input`. "
+            "protocol=False: a foreign program (no extra argv, no pipes); env: its whole "
+            "environment as b'KEY=value' items; redirects: (caller fd, child fd 0..2) pairs; "
+            "death_signal: sent when the caller dies (default: fastspawn's own).")
         .def(
             "start_fork",
             [](Group& g, int rank) {

@@ -239,20 +239,27 @@ void Group::attach(int rank, pid_t pid, Fd result) {
 }
 
 void Group::start_exec(int rank, const std::string& exe, const std::vector<std::string>& argv,
-                       const std::vector<int>& pass_fds, std::vector<Chunk> input) {
+                       const std::vector<int>& pass_fds, std::vector<Chunk> input,
+                       const ExecOptions& options) {
     if (slot(rank).pid != -1) throw std::logic_error("rank already started");
     Pipe control = make_pipe();
     Pipe result = make_pipe();
     ExecPlan plan;
     plan.exe = exe;
     plan.argv = argv;
-    plan.argv.push_back(std::to_string(control.read.get()));
-    plan.argv.push_back(std::to_string(result.write.get()));
-    plan.argv.push_back(std::to_string(owner_));
     plan.keep_fds = pass_fds;
-    plan.keep_fds.push_back(control.read.get());
-    plan.keep_fds.push_back(result.write.get());
+    if (options.protocol) {
+        plan.argv.push_back(std::to_string(control.read.get()));
+        plan.argv.push_back(std::to_string(result.write.get()));
+        plan.argv.push_back(std::to_string(owner_));
+        plan.keep_fds.push_back(control.read.get());
+        plan.keep_fds.push_back(result.write.get());
+    }
     plan.owner = owner_;
+    plan.replace_env = options.replace_env;
+    plan.env = options.env;
+    plan.redirects = options.redirects;
+    plan.death_signal = options.death_signal;
     const pid_t pid = exec_child(plan);
     attach(rank, pid, std::move(result.read));
     {

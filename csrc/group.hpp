@@ -25,6 +25,17 @@ struct ExitInfo {
 
 using Chunk = std::shared_ptr<const std::string>;
 
+// How start_exec runs a program beyond its argv.
+struct ExecOptions {
+    // Our bootstrap: append CONTROL_FD RESULT_FD OWNER_PID and hand over those pipes.
+    // A foreign program gets neither (its result pipe just reads as closed).
+    bool protocol = true;
+    bool replace_env = false;              // then `env` ("KEY=value" each) is all it gets
+    std::vector<std::string> env;
+    std::vector<std::pair<int, int>> redirects;  // (caller fd, child stdio fd 0..2)
+    int death_signal = 0;                  // 0: kParentDeathSignal (see launch.hpp)
+};
+
 // Called when a wait was interrupted by a signal; returning true ends the wait early.
 using InterruptCheck = std::function<bool()>;
 
@@ -40,9 +51,11 @@ public:
     const char* watch_mode() const noexcept { return use_pidfd_ ? "pidfd" : "thread"; }
 
     // Starts `rank` as `exe argv... CONTROL_FD RESULT_FD OWNER_PID`, with `pass_fds` and
-    // those two fds inherited at their numbers, then sends `input` on the control pipe.
+    // those two fds inherited at their numbers, then sends `input` on the control pipe
+    // (see ExecOptions for foreign programs, environment and stdio).
     void start_exec(int rank, const std::string& exe, const std::vector<std::string>& argv,
-                    const std::vector<int>& pass_fds, std::vector<Chunk> input);
+                    const std::vector<int>& pass_fds, std::vector<Chunk> input,
+                    const ExecOptions& options = {});
 
     // Forks the caller for `rank`. In the parent returns the pid. In the child returns 0
     // and sets `control_fd`/`result_fd` (the child owns them); the group is then inert there.

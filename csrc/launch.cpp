@@ -45,9 +45,9 @@ void install_handler() noexcept {
 }
 
 // Async-signal-safe: own process group and parent-death signal; false if owner gone.
-bool guard_child(pid_t owner) noexcept {
+bool guard_child(pid_t owner, int death_signal = kParentDeathSignal) noexcept {
     ::setpgid(0, 0);
-    ::prctl(PR_SET_PDEATHSIG, kParentDeathSignal);
+    ::prctl(PR_SET_PDEATHSIG, death_signal);
     return ::getppid() == owner;
 }
 
@@ -91,6 +91,10 @@ void close_other_fds(const int* keep, std::size_t nkeep, int max_fd) noexcept {
 struct ExecArgs {
     const char* exe;
     char* const* argv;
+    char* const* envp;  // null: the caller's environ at the time of execve
+    const std::pair<int, int>* redirects;
+    std::size_t nredirects;
+    int death_signal;
     const int* keep;
     std::size_t nkeep;
     int max_fd;
@@ -113,13 +117,20 @@ extern "C" int exec_trampoline(void* raw) {
             ::sigaction(sig, &dfl, nullptr);
         }
     }
-    if (!guard_child(a->owner)) ::_exit(127);
+    if (!guard_child(a->owner, a->death_signal)) ::_exit(127);
+    for (std::size_t i = 0; i < a->nredirects; ++i) {
+        const auto [from, to] = a->redirects[i];
+        if ((from == to ? ::fcntl(to, F_SETFD, 0) : ::dup2(from, to)) < 0) {
+            *a->exec_errno = errno;
+            ::_exit(127);
+        }
+    }
     for (std::size_t i = 0; i < a->nkeep; ++i) ::fcntl(a->keep[i], F_SETFD, 0);
     close_other_fds(a->keep, a->nkeep, a->max_fd);
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    ::execve(a->exe, a->argv, environ);
+    ::execve(a->exe, a->argv, a->envp != nullptr ? a->envp : environ);
     *a->exec_errno = errno;
     ::_exit(127);
 }
@@ -147,6 +158,15 @@ pid_t exec_child(const ExecPlan& plan) {
     argv.reserve(plan.argv.size() + 1);
     for (const auto& s : plan.argv) argv.push_back(const_cast<char*>(s.c_str()));
     argv.push_back(nullptr);
+    std::vector<char*> envp;
+    if (plan.replace_env) {
+        envp.reserve(plan.env.size() + 1);
+        for (const auto& s : plan.env) envp.push_back(const_cast<char*>(s.c_str()));
+        envp.push_back(nullptr);
+    }
+    for (const auto& [from, to] : plan.redirects) {
+        if (to < 0 || to > 2 || ::fcntl(from, F_GETFD) < 0) throw_errno("stdio fd for the child", EBADF);
+    }
 
     std::vector<int> keep = plan.keep_fds;
     std::sort(keep.begin(), keep.end());
@@ -160,7 +180,16 @@ pid_t exec_child(const ExecPlan& plan) {
         max_fd = static_cast<int>(std::min<rlim_t>(rl.rlim_cur, INT_MAX));
 
     int exec_errno = 0;
-    ExecArgs args{plan.exe.c_str(), argv.data(), keep.data(), keep.size(), max_fd, plan.owner,
+    ExecArgs args{plan.exe.c_str(),
+                  argv.data(),
+                  plan.replace_env ? envp.data() : nullptr,
+                  plan.redirects.data(),
+                  plan.redirects.size(),
+                  plan.death_signal != 0 ? plan.death_signal : kParentDeathSignal,
+                  keep.data(),
+                  keep.size(),
+                  max_fd,
+                  plan.owner,
                   &exec_errno};
 
     constexpr std::size_t kStack = 128 * 1024;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <signal.h>
@@ -23,6 +24,15 @@ struct ExecPlan {
     std::vector<std::string> argv;  // argv[0] included
     std::vector<int> keep_fds;      // inherited at the same numbers; everything else >= 3 is closed
     pid_t owner = 0;                // the process whose death must kill the child
+    // The child's whole environment ("KEY=value" each); without it, the caller's.
+    bool replace_env = false;
+    std::vector<std::string> env;
+    // (source fd in the caller, target fd in the child) for the child's stdio (targets
+    // 0..2). Sources must not be targets of an earlier pair.
+    std::vector<std::pair<int, int>> redirects;
+    // Sent when the creating thread's process dies. The default, kParentDeathSignal,
+    // is for children that install its handler (ours); a foreign program ignores it.
+    int death_signal = 0;
 };
 
 // Starts `plan` in a new process group led by the child. Returns the child's pid.

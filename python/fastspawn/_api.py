@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import multiprocessing
 import operator
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
 from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import _child, _core, _payload, _zygote
 from ._errors import ProcessExitedException, ProcessRaisedException
@@ -294,6 +296,30 @@ class ProcessContext:
         """The children's pids, by rank."""
         return [int(p.pid) for p in self.processes]
 
+    def return_value(self, index: int) -> Any:
+        """What ``fn`` returned in child ``index`` (started with ``return_values``).
+
+        Raises LookupError when that child has not returned a value (still running,
+        failed, or not asked to send one).
+        """
+        record = self._record(index)
+        if record is None or record.kind != "return":
+            raise LookupError(f"process {index} has not returned a value")
+        return record.value
+
+    def error_traceback(self, index: int) -> Optional[str]:
+        """The traceback text of the exception that ended child ``index``, if any."""
+        record = self._record(index)
+        return record.traceback if record is not None and record.kind == "error" else None
+
+    def _record(self, index: int) -> Optional[_payload.Record]:
+        run = self._run
+        if run is None or not 0 <= index < len(self.processes):
+            raise IndexError(f"no process {index} in this context")
+        if run.exitcodes[index] is None:
+            run.poll()
+        return _payload.decode(run.outputs[index]) if run.exitcodes[index] is not None else None
+
     def _forget(self, index: int) -> None:
         self._unjoined.discard(index)
         for sentinel, i in list(self.sentinels.items()):
@@ -360,7 +386,7 @@ class ProcessContext:
 
     def _raise_failure(self, run: _Run, error_index: int) -> None:
         pid = self.processes[error_index].pid
-        record = _payload.decode(run.outputs[error_index])
+        record = self._record(error_index)
         if record is not None and record.kind == "error":
             msg = f"\n\n-- Process {error_index:d} terminated with the following error:\n"
             msg += record.traceback
@@ -417,6 +443,48 @@ def _check_arguments(fn: Any, args: Any, nprocs: Any, start_method: Any) -> int:
     return count
 
 
+def _environment(overlay: Optional[Mapping[str, str]]) -> Optional[List[bytes]]:
+    """A child's whole environment for execve: the caller's with ``overlay`` laid over."""
+    if not overlay:
+        return None
+    env = dict(os.environb)
+    env.update((os.fsencode(k), os.fsencode(v)) for k, v in overlay.items())
+    return [k + b"=" + v for k, v in env.items()]
+
+
+class _Stdio:
+    """Per-rank stdout/stderr fds, as ``(fd, target)`` pairs. A source that is itself one
+    of fds 0..2 is first duplicated, so that no redirection undoes another."""
+
+    def __init__(self, stdio: Optional[Sequence[Tuple[Optional[int], Optional[int]]]], nprocs: int) -> None:
+        self.owned: List[int] = []
+        self.pairs: List[List[Tuple[int, int]]] = [[] for _ in range(nprocs)]
+        if stdio is None:
+            return
+        try:
+            for rank, streams in enumerate(stdio):
+                for fd, target in zip(streams, (1, 2)):
+                    if fd is None:
+                        continue
+                    if fd < 3:
+                        fd = os.dup(fd)
+                        self.owned.append(fd)
+                    self.pairs[rank].append((fd, target))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.owned:
+            os.close(fd)
+        self.owned = []
+
+
+def _check_per_rank(name: str, values: Optional[Sequence[Any]], nprocs: int) -> None:
+    if values is not None and len(values) != nprocs:
+        raise ValueError(f"{name} must have one entry per process ({nprocs}), got {len(values)}")
+
+
 def _start_fresh(
     specs: Sequence[_child.ChildSpec],
     daemon: bool,
@@ -424,6 +492,8 @@ def _start_fresh(
     pass_fds: List[int],
     preparation: Dict[str, Any],
     tracker_fd: Optional[int],
+    envs: Optional[Sequence[Mapping[str, str]]],
+    stdio: _Stdio,
 ) -> _Run:
     """One fresh interpreter per child, each receiving the call over its control pipe."""
     shared = [
@@ -437,16 +507,118 @@ def _start_fresh(
             spec = spec._replace(tracker_fd=tracker_fd, fds=tuple(pass_fds))
             head = _core.Chunk(_payload.frame(pickle.dumps(tuple(spec), pickle.HIGHEST_PROTOCOL)))
             fds = pass_fds + ([tracker_fd] if tracker_fd is not None else [])
-            run.group.start_exec(spec.rank, argv[0], argv, fds, [head, *shared])
+            run.group.start_exec(
+                spec.rank, argv[0], argv, fds, [head, *shared],
+                env=_environment(envs[spec.rank] if envs else None),
+                redirects=stdio.pairs[spec.rank],
+            )
     except BaseException:
         run.stop(0.0)
         raise
     return run
 
 
+def launch(
+    fn: Callable[..., Any],
+    args: tuple = (),
+    nprocs: int = 1,
+    *,
+    start_method: str = "spawn",
+    daemon: bool = False,
+    zygote: Optional[bool] = None,
+    envs: Optional[Sequence[Mapping[str, str]]] = None,
+    stdio: Optional[Sequence[Tuple[Optional[int], Optional[int]]]] = None,
+    return_values: bool = False,
+) -> "ProcessContext":
+    """Start ``fn(i, *args)`` in ``nprocs`` children and return their context (no join).
+
+    The engine under start_processes, for launchers: ``envs[i]`` is laid over the caller's
+    environment for rank i before the child loads anything; ``stdio[i]`` is a
+    ``(stdout_fd, stderr_fd)`` pair of the caller's fds (or None) that become rank i's
+    fds 1 and 2; with ``return_values``, :meth:`ProcessContext.return_value` gives what
+    ``fn`` returned in each rank.
+    """
+    if start_method is None:  # as multiprocessing.get_context(None): the default method
+        start_method = multiprocessing.get_start_method()
+    count = _check_arguments(fn, args, nprocs, start_method)
+    _check_per_rank("envs", envs, count)
+    _check_per_rank("stdio", stdio, count)
+    if multiprocessing.current_process()._config.get("daemon"):  # type: ignore[attr-defined]
+        raise AssertionError("daemonic processes are not allowed to have children")
+    rank_stdio = _Stdio(stdio, count)
+    try:
+        return _launch(
+            fn, tuple(args), count, bool(daemon), start_method, _zygote_wanted(start_method, zygote),
+            envs, rank_stdio, return_values,
+        )
+    finally:
+        rank_stdio.close()
+
+
+def launch_programs(
+    argvs: Sequence[Sequence[str]],
+    envs: Sequence[Mapping[str, str]],
+    *,
+    stdio: Optional[Sequence[Tuple[Optional[int], Optional[int]]]] = None,
+) -> "ProcessContext":
+    """Start one program per rank: ``argvs[i]`` with exactly the environment ``envs[i]``.
+
+    A program name without a slash is looked up in that environment's PATH. Raises
+    FileNotFoundError or PermissionError, with nothing left running, when one cannot be
+    executed. Each child leads its own process group; the returned context watches them
+    like any other (exit codes, signals, ``join``).
+    """
+    count = len(argvs)
+    _check_per_rank("envs", envs, count)
+    _check_per_rank("stdio", stdio, count)
+    resolved = []
+    for argv in argvs:
+        if not argv:
+            raise ValueError("each program needs a non-empty argv")
+        resolved.append(_resolve_program(str(argv[0]), envs[len(resolved)]))
+    flush_std_streams()
+    rank_stdio = _Stdio(stdio, count)
+    run = _Run(count, daemon=False)
+    try:
+        for rank, argv in enumerate(argvs):
+            env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in envs[rank].items()]
+            run.group.start_exec(
+                rank, resolved[rank], [str(a) for a in argv], [], [],
+                protocol=False, env=env, redirects=rank_stdio.pairs[rank],
+            )
+    except BaseException:
+        run.stop(0.0)
+        raise
+    finally:
+        rank_stdio.close()
+    processes = [SpawnedProcess(run, i, f"Program-{i}", False) for i in range(count)]
+    return ProcessContext(processes, [None] * count)
+
+
+def _resolve_program(name: str, env: Mapping[str, str]) -> str:
+    if os.sep in name:
+        found: Optional[str] = name
+    else:
+        found = shutil.which(name, path=env.get("PATH", os.environ.get("PATH", os.defpath)))
+    if found is None or not os.path.exists(found):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+    return found
+
+
 def _launch(
-    fn: Callable[..., Any], args: tuple, nprocs: int, daemon: bool, start_method: str, use_zygote: bool
+    fn: Callable[..., Any],
+    args: tuple,
+    nprocs: int,
+    daemon: bool,
+    start_method: str,
+    use_zygote: bool,
+    envs: Optional[Sequence[Mapping[str, str]]] = None,
+    stdio: Optional[_Stdio] = None,
+    return_values: bool = False,
 ) -> ProcessContext:
+    stdio = stdio if stdio is not None else _Stdio(None, nprocs)
     flush_std_streams()  # as multiprocessing does before starting a child
     mp_ctx = multiprocessing.get_context(start_method)
     # Process objects are never started: they give each child multiprocessing's name and
@@ -463,6 +635,7 @@ def _launch(
             parent_pid=os.getpid(),
             parent_name=me.name,
             tracker_fd=None,
+            return_value=return_values,
         )
         for i, t in enumerate(templates)
     ]
@@ -472,7 +645,13 @@ def _launch(
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
                 if pid == 0:
-                    _child.run_forked(spec, lambda: (fn, args), control_fd, result_fd)
+                    rank = spec.rank
+
+                    def load() -> _child.Call:
+                        _child.enter_rank(envs[rank] if envs else None, stdio.pairs[rank])
+                        return fn, args
+
+                    _child.run_forked(spec, load, control_fd, result_fd)
         except BaseException:
             run.stop(0.0)
             raise
@@ -490,6 +669,7 @@ def _launch(
                     reason = zygote.spawn(
                         run.group, specs, payload, pass_fds, tracker_fd,
                         None if module == "__main__" else module, os.getpid(),
+                        envs, stdio.pairs,
                     )
                 except BaseException:
                     run.stop(0.0)
@@ -498,7 +678,7 @@ def _launch(
                     _zygotes.fallback_warning(zygote.key, reason)
                     run = None
         if run is None:
-            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd)
+            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
     log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
     processes = [SpawnedProcess(run, i, t.name, daemon) for i, t in enumerate(templates)]
     return ProcessContext(processes, [None] * nprocs)
@@ -525,14 +705,10 @@ def start_processes(
     zygote unless ``zygote=False`` or ``FASTSPAWN_ZYGOTE=0`` asks for one fresh interpreter
     per child; "fork" forks the caller.
     """
-    if start_method is None:  # as multiprocessing.get_context(None): the default method
-        start_method = multiprocessing.get_start_method()
-    count = _check_arguments(fn, args, nprocs, start_method)
-    if multiprocessing.current_process()._config.get("daemon"):  # type: ignore[attr-defined]
-        raise AssertionError("daemonic processes are not allowed to have children")
     if start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1":
+        _check_arguments(fn, args, nprocs, start_method)
         log.info("Starting processes in parallel.")
-    context = _launch(fn, tuple(args), count, bool(daemon), start_method, _zygote_wanted(start_method, zygote))
+    context = launch(fn, args, nprocs, start_method=start_method, daemon=daemon, zygote=zygote)
     if not join:
         return context
     while not context.join():

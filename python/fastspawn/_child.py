@@ -18,7 +18,7 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from . import _payload
 
@@ -39,13 +39,17 @@ class ChildSpec(NamedTuple):
     parent_name: str
     tracker_fd: Optional[int]
     fds: Tuple[int, ...] = ()  # where the parent's pass_fds are, in the child
+    return_value: bool = False  # send fn's return value back on the result pipe
 
 
-def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int) -> None:
+def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int, send_return: bool) -> None:
     # torch semantics: Ctrl-C ends a child quietly; an Exception is reported with its
     # traceback and exit code 1; SystemExit and other BaseExceptions go to multiprocessing.
     try:
-        fn(i, *args)
+        if send_return:
+            _send_return(result_fd, fn(i, *args))
+        else:  # the next line shows in tracebacks as is, like torch's
+            fn(i, *args)
     except KeyboardInterrupt:
         pass
     except Exception as exc:
@@ -53,12 +57,19 @@ def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int) -
         sys.exit(1)
 
 
+def _send_return(result_fd: int, value: Any) -> None:
+    _payload.write_all(result_fd, _payload.encode_return(value))
+
+
 def _bootstrap(spec: ChildSpec, call: Call, control_fd: int, result_fd: int) -> int:
     """Run the call inside a multiprocessing Process object; return the exit code."""
     fn, args = call
     ctx = multiprocessing.get_context(spec.start_method)
     proc = ctx.Process(  # type: ignore[attr-defined]
-        target=_call, args=(fn, spec.rank, args, result_fd), name=spec.name, daemon=spec.daemon
+        target=_call,
+        args=(fn, spec.rank, args, result_fd, spec.return_value),
+        name=spec.name,
+        daemon=spec.daemon,
     )
     proc._identity = spec.identity
     proc._parent_pid = spec.parent_pid
@@ -87,6 +98,35 @@ def load_call(spec: ChildSpec, payload: bytes) -> Call:
     finally:
         del current._inheriting  # type: ignore[attr-defined]
     return fn, args
+
+
+def enter_rank(env: Optional[Mapping[str, str]], stdio: Sequence[Tuple[int, int]]) -> None:
+    """In a forked child, before its call is loaded: the rank's own environment variables
+    and stdio (``(fd, target)`` pairs; each ``fd`` is closed once in place)."""
+    if env:
+        os.environ.update(env)
+    for fd, target in stdio:
+        os.dup2(fd, target)
+        _rebind_stream(target)
+    for fd in {fd for fd, _ in stdio}:
+        if fd > 2:
+            os.close(fd)
+
+
+def _rebind_stream(target: int) -> None:
+    # In a fork, sys.stdout/sys.stderr may not write to fds 1/2 (a caller that captured
+    # them, as pytest does): make them write where this rank's output now goes.
+    name = {1: "stdout", 2: "stderr"}.get(target)
+    stream = getattr(sys, name, None) if name else None
+    if stream is None:
+        return
+    try:
+        if stream.fileno() == target:
+            return
+    except (AttributeError, OSError, ValueError):
+        pass
+    setattr(sys, name, open(target, "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                            errors=getattr(stream, "errors", None) or "backslashreplace", closefd=False))
 
 
 def run_forked(

@@ -84,7 +84,7 @@ def _dumps(obj: Any) -> bytes:
 
 def _explain(exc: BaseException, where: str) -> BaseException:
     """Same exception type, message extended with the object that failed to pickle."""
-    message = f"{exc} (while pickling {where} for the child processes)"
+    message = f"{exc} (while pickling {where})"
     try:
         return type(exc)(message)
     except Exception:
@@ -105,7 +105,7 @@ def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[bytes, List
             culprit = _find_unpicklable(fn, args)
             if culprit is None:
                 raise
-            raise _explain(exc, culprit) from exc
+            raise _explain(exc, f"{culprit} for the child processes") from exc
     finally:
         mp_context.set_spawning_popen(None)
 
@@ -131,11 +131,13 @@ def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[s
 
 # ----------------------------------------------------------------- result records
 class Record(NamedTuple):
-    """What a child reported: ``kind`` "error" carries the traceback and the exception."""
+    """What a child reported: ``kind`` "error" carries the traceback and the exception,
+    ``kind`` "return" the function's return value."""
 
     kind: str
     traceback: str
     exception: Optional[BaseException]
+    value: Any = None
 
 
 def encode_error(traceback_text: str, exc: BaseException) -> bytes:
@@ -144,6 +146,15 @@ def encode_error(traceback_text: str, exc: BaseException) -> bytes:
     except Exception:
         exc_bytes = None
     return frame(pickle.dumps(("error", traceback_text, exc_bytes), pickle.HIGHEST_PROTOCOL))
+
+
+def encode_return(value: Any) -> bytes:
+    """The record of a successful call's return value (raises if it cannot be pickled)."""
+    try:
+        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise _explain(exc, f"the return value, a {type(value).__name__!r}, for the parent") from exc
+    return frame(pickle.dumps(("return", "", data), pickle.HIGHEST_PROTOCOL))
 
 
 def decode(output: bytes) -> Optional[Record]:
@@ -155,6 +166,8 @@ def decode(output: bytes) -> Optional[Record]:
         return None
     try:
         kind, text, exc_bytes = pickle.loads(output[_LEN.size : _LEN.size + size])
+        if kind == "return":
+            return Record(kind, text, None, pickle.loads(exc_bytes))
     except Exception:
         return None
     exc: Optional[BaseException] = None

@@ -134,21 +134,29 @@ def _reseed() -> None:
 
 
 def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: socket.socket) -> None:
-    control_fd, result_fd = fds[2 * rank], fds[2 * rank + 1]
-    mine = {control_fd, result_fd}
+    # fds: 2 channels per rank, pass_fds, [tracker], the caller's stdio, per-rank stdio.
     n = request["n"]
+    control_fd, result_fd = fds[2 * rank], fds[2 * rank + 1]
     stdio = request["stdio"]
-    passed = fds[2 * n : len(fds) - len(stdio)]
-    stdio_fds = dict(zip(stdio, fds[len(fds) - len(stdio) :]))
+    rank_stdio = request["rank_stdio"]
+    extra = sum(len(targets) for targets in rank_stdio)
+    end = len(fds) - extra
+    passed = fds[2 * n : end - len(stdio)]
+    stdio_fds = dict(zip(stdio, fds[end - len(stdio) : end]))
     tracker_fd = passed.pop() if request["tracker"] else None
+    first = end + sum(len(targets) for targets in rank_stdio[:rank])
+    own_stdio = [(fds[first + i], target) for i, target in enumerate(rank_stdio[rank])]
 
     def load() -> _child.Call:
         sock.close()
         for target, fd in stdio_fds.items():  # the caller's stdin/out/err of now
             os.dup2(fd, target)
-        _close_all([fd for fd in fds[: 2 * n] if fd not in mine] + list(stdio_fds.values()))
+        mine = {control_fd, result_fd} | {fd for fd, _ in own_stdio}
+        _close_all([fd for fd in fds[: 2 * n] + fds[end:] if fd not in mine] + list(stdio_fds.values()))
         _skip_inherited_exit_finalizers()
         _apply(request)
+        _child.enter_rank(request["rank_env"][rank] if request["rank_env"] else None, own_stdio)
+        _reseed()
         spec = _child.ChildSpec(*request["specs"][rank])._replace(
             tracker_fd=tracker_fd, fds=tuple(passed)
         )
@@ -189,7 +197,6 @@ def _apply(request: Dict[str, Any]) -> None:
     sys.argv[:] = request["argv"]
     process.current_process().authkey = request["authkey"]
     process.ORIGINAL_DIR = request["orig_dir"]  # type: ignore[attr-defined]
-    _reseed()
 
 
 def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
@@ -350,10 +357,24 @@ class Zygote:
         self.group.wait(0.0, False)
         return bool(self.group.running(0))
 
-    def spawn(self, group: Any, specs: Sequence[_child.ChildSpec], payload: bytes, pass_fds: Sequence[int], tracker_fd: Optional[int], fn_module: Optional[str], owner: int) -> Optional[str]:
+    def spawn(
+        self,
+        group: Any,
+        specs: Sequence[_child.ChildSpec],
+        payload: bytes,
+        pass_fds: Sequence[int],
+        tracker_fd: Optional[int],
+        fn_module: Optional[str],
+        owner: int,
+        rank_env: Optional[Sequence[Dict[str, str]]] = None,
+        rank_stdio: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
+    ) -> Optional[str]:
         """Start ``len(specs)`` children in ``group``. Returns None, or a reason to fall back
         to fresh interpreters (then no child was left running). Raises ZygoteError if the
-        zygote died mid-request (likewise leaving nothing behind)."""
+        zygote died mid-request (likewise leaving nothing behind).
+
+        ``rank_env[i]``: variables laid over the caller's environment for rank i;
+        ``rank_stdio[i]``: ``(caller fd, target)`` pairs that become rank i's stdio."""
         from multiprocessing import process
 
         n = len(specs)
@@ -362,7 +383,9 @@ class Zygote:
             for rank in range(n):
                 channels.extend(group.open_channels(rank))
             stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]
+            own = [list(pairs) for pairs in rank_stdio] if rank_stdio else [[] for _ in specs]
             fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else []) + stdio
+            fds += [fd for pairs in own for fd, _ in pairs]
             request = {
                 "op": "spawn",
                 "n": n,
@@ -371,6 +394,8 @@ class Zygote:
                 "fn_module": fn_module,
                 "tracker": tracker_fd is not None,
                 "stdio": stdio,
+                "rank_stdio": [[target for _, target in pairs] for pairs in own],
+                "rank_env": [dict(e) for e in rank_env] if rank_env else None,
                 "env": dict(os.environ),
                 "cwd": os.getcwd(),
                 "umask": _current_umask(),
