@@ -1,0 +1,705 @@
+"""pytest plugin (entry point ``pytest11``): run a test body in N processes with fastspawn.
+
+``@pytest.mark.spawn(nprocs=2, timeout=None, start_method="spawn")`` runs the test in
+``nprocs`` ranks forked from fastspawn's warm zygote; fixtures ``rank``, ``world_size``,
+``init_method`` and ``spawn``; options ``--spawn-timeout`` (ini ``spawn_timeout``) and
+``--fastspawn-patch-torch`` (ini ``fastspawn_patch_torch``).
+
+pytest imports this module in every run of every project that has fastspawn installed, so
+it imports nothing of fastspawn (nor torch) until a test uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import pytest
+from _pytest._code.code import ReprFileLocation, TerminalRepr
+
+log = logging.getLogger(__name__)
+
+START_METHODS = ("spawn", "fork", "forkserver")
+MASTER_ADDR = "127.0.0.1"
+
+# After one rank ended without passing (failed, skipped, crashed), the others get this
+# long to end on their own before they are stopped with their stacks dumped.
+_SETTLE_SECONDS = 5.0
+# Between SIGTERM (each rank dumps its stacks, then dies) and SIGKILL.
+_STOP_GRACE_SECONDS = 5.0
+
+_MARKER_HELP = (
+    "spawn(nprocs=2, timeout=None, start_method='spawn'): run the test body in nprocs "
+    "processes started by fastspawn (fixtures rank, world_size, init_method; env RANK, "
+    "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+)
+
+
+# ----------------------------------------------------------------- options, marker
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastspawn")
+    group.addoption(
+        "--spawn-timeout",
+        dest="spawn_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Seconds a @pytest.mark.spawn test may run before its ranks' stacks are "
+        "dumped and the ranks killed (the marker's timeout= wins; 0: no timeout).",
+    )
+    parser.addini("spawn_timeout", "Default of --spawn-timeout.", default=None)
+    group.addoption(
+        "--fastspawn-patch-torch",
+        dest="fastspawn_patch_torch",
+        action="store_true",
+        default=False,
+        help="Make torch.multiprocessing.spawn/start_processes fastspawn's for the session.",
+    )
+    parser.addini(
+        "fastspawn_patch_torch", "Same as --fastspawn-patch-torch.", type="bool", default=False
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _MARKER_HELP)
+    state = _Session()
+    config.stash[_SESSION] = state
+    if config.getoption("fastspawn_patch_torch") or config.getini("fastspawn_patch_torch"):
+        from fastspawn._patch import patch_torch
+
+        patch_torch()
+        state.patched_torch = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_SESSION, None)
+    if state is not None:
+        state.close()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(_uses_ranks(item) for item in session.items):
+        session.config.stash[_SESSION].activate()
+
+
+def _uses_ranks(item: pytest.Item) -> bool:
+    return item.get_closest_marker("spawn") is not None or "spawn" in getattr(item, "fixturenames", ())
+
+
+class _Session:
+    """What the plugin set up for this session, undone at unconfigure."""
+
+    def __init__(self) -> None:
+        self._directory: Optional[str] = None
+        self.active = False
+        self.patched_torch = False
+        self._saved_env: Optional[str] = None
+        self._saved_preload: Optional[List[str]] = None
+        self._rewrite: Dict[str, str] = {}
+        self._rewrite_seen = -1
+
+    def directory(self) -> str:
+        """This session's temporary directory (init_method files, rank results)."""
+        if self._directory is None:
+            self._directory = tempfile.mkdtemp(prefix="fastspawn-pytest-")
+        return self._directory
+
+    def activate(self) -> None:
+        """Before the first test that spawns: the zygote will import the test modules
+        rewritten (session file + preloaded finder), so each test costs a fork."""
+        if self.active:
+            return
+        import json
+
+        import fastspawn
+        from fastspawn import _api
+
+        path = os.path.join(self.directory(), "session.json")
+        with open(path, "w") as f:
+            json.dump({"rewrite": self.rewrite_map()}, f)
+        self._saved_env = os.environ.get(_SESSION_ENV)
+        os.environ[_SESSION_ENV] = path
+        self._saved_preload = list(_api._zygotes.preload)
+        rank_module = "fastspawn._pytest_rank"
+        if rank_module not in self._saved_preload:
+            fastspawn.preload([rank_module, *self._saved_preload])
+        self.active = True
+
+    def rewrite_map(self) -> Dict[str, str]:
+        """Modules pytest imported with assertion rewriting: name -> file."""
+        if len(sys.modules) != self._rewrite_seen:
+            self._rewrite_seen = len(sys.modules)
+            try:
+                from _pytest.assertion.rewrite import AssertionRewritingHook
+            except ImportError:
+                return self._rewrite
+            for name, module in list(sys.modules.items()):
+                path = getattr(module, "__file__", None)
+                if path and isinstance(getattr(module, "__loader__", None), AssertionRewritingHook):
+                    self._rewrite[name] = path
+        return self._rewrite
+
+    def close(self) -> None:
+        if self.active:
+            import fastspawn
+
+            if self._saved_env is None:
+                os.environ.pop(_SESSION_ENV, None)
+            else:
+                os.environ[_SESSION_ENV] = self._saved_env
+            fastspawn.preload(self._saved_preload or [])
+            self.active = False
+        if self.patched_torch:
+            from fastspawn._patch import unpatch_torch
+
+            unpatch_torch()
+            self.patched_torch = False
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+
+_SESSION = pytest.StashKey[_Session]()
+_FAILURE = pytest.StashKey[Any]()
+_SESSION_ENV = "FASTSPAWN_PYTEST_SESSION"  # same as _pytest_rank.SESSION_ENV
+
+
+def _session(config: pytest.Config) -> _Session:
+    state = config.stash.get(_SESSION, None)
+    if state is None:  # configured before this plugin was registered
+        state = config.stash[_SESSION] = _Session()
+    return state
+
+
+class SpawnOptions(NamedTuple):
+    """The arguments of ``@pytest.mark.spawn``, checked."""
+
+    nprocs: int
+    timeout: Optional[float]
+    start_method: str
+
+
+def _marker_arguments(nprocs: int = 2, timeout: Optional[float] = None, start_method: str = "spawn") -> SpawnOptions:
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
+    return SpawnOptions(nprocs, None if timeout is None else float(timeout), start_method)
+
+
+def spawn_options(item: pytest.Item) -> Optional[SpawnOptions]:
+    """The item's ``spawn`` marker arguments (timeout defaulted from the options), or None."""
+    marker = item.get_closest_marker("spawn")
+    if marker is None:
+        return None
+    try:
+        options = _marker_arguments(*marker.args, **marker.kwargs)
+    except (TypeError, ValueError) as exc:
+        pytest.fail(f"invalid @pytest.mark.spawn arguments: {exc}", pytrace=False)
+    if options.timeout is None:
+        options = options._replace(timeout=default_timeout(item.config))
+    if not options.timeout:
+        options = options._replace(timeout=None)
+    return options
+
+
+def default_timeout(config: pytest.Config) -> Optional[float]:
+    """``--spawn-timeout``, else ini ``spawn_timeout``, else None (0 means none)."""
+    value = config.getoption("spawn_timeout", None)
+    if value is None:
+        text = config.getini("spawn_timeout")
+        if text in (None, ""):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise pytest.UsageError(f"spawn_timeout must be a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise pytest.UsageError(f"spawn timeout must be >= 0 seconds, got {value}")
+    return value or None
+
+
+# ------------------------------------------------------------------------- fixtures
+def _marked(request: pytest.FixtureRequest, fixture: str) -> SpawnOptions:
+    options = spawn_options(request.node)
+    if options is None:
+        pytest.fail(f"the {fixture!r} fixture needs the test to be marked @pytest.mark.spawn", pytrace=False)
+    return options
+
+
+@pytest.fixture
+def rank(request: pytest.FixtureRequest) -> int:
+    """This process's rank (0..world_size-1) in a ``@pytest.mark.spawn`` test."""
+    _marked(request, "rank")
+    from fastspawn._pytest_rank import RANK
+
+    return RANK  # type: ignore[return-value]  # each rank gets its number instead
+
+
+@pytest.fixture
+def world_size(request: pytest.FixtureRequest) -> int:
+    """The number of ranks of a ``@pytest.mark.spawn`` test (its ``nprocs``)."""
+    return _marked(request, "world_size").nprocs
+
+
+@pytest.fixture
+def init_method(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A ``file://`` URL unique to the test, for ``init_process_group(init_method=...)``;
+    its directory is removed after the test."""
+    directory = tempfile.mkdtemp(prefix="init-", dir=_session(request.config).directory())
+    try:
+        yield "file://" + os.path.join(directory, "store")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Spawner:
+    """The ``spawn`` fixture: ``start_processes`` whose processes end with the test."""
+
+    def __init__(self) -> None:
+        self._contexts: List[Any] = []
+
+    def __call__(self, fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True, **options: Any) -> Any:
+        """``fastspawn.start_processes(fn, args, nprocs, join, daemon=..., start_method=...)``."""
+        import fastspawn
+
+        context = fastspawn.start_processes(fn, args, nprocs, join=False, **options)
+        self._contexts.append(context)
+        if not join:
+            return context
+        while not context.join():
+            pass
+        return None
+
+    def close(self) -> None:
+        """Stop (SIGTERM, then SIGKILL) whatever is still running."""
+        running = {}
+        for context in self._contexts:
+            for index, process in enumerate(context.processes):
+                if process.is_alive():
+                    running[(id(context), index)] = process
+        if running:
+            log.warning("fastspawn: stopping %d process(es) still running at teardown", len(running))
+        _stop(running)
+        self._contexts.clear()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawner]:
+    """``spawn(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn")``:
+    fastspawn.start_processes whose processes are stopped at teardown."""
+    spawner = Spawner()
+    try:
+        yield spawner
+    finally:
+        spawner.close()
+
+
+# --------------------------------------------------------------- running the ranks
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
+    options = spawn_options(pyfuncitem)
+    if options is None:
+        return None
+    _run_in_ranks(pyfuncitem, options)
+    return True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if call.when != "call":
+        return
+    failure = item.stash.get(_FAILURE, None)
+    if failure is None:
+        return
+    del item.stash[_FAILURE]
+    report = outcome.get_result()
+    if report.failed:
+        report.longrepr = failure
+
+
+def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
+    from fastspawn import _pytest_rank as ranks
+
+    state = _session(item.config)
+    state.activate()
+    outdir = tempfile.mkdtemp(prefix="test-", dir=state.directory())
+    port = _reserve_port()
+    try:
+        kwargs = _test_arguments(item)
+        job = ranks.Job(
+            call=item.obj,
+            kwargs=kwargs,
+            nprocs=options.nprocs,
+            master_addr=MASTER_ADDR,
+            master_port=port.getsockname()[1],
+            outdir=outdir,
+            warning_filters=_warning_filters(),
+            report=_report_options(item.config),
+        )
+        main = ranks.RankMain(item.module.__name__, state.rewrite_map())  # type: ignore[union-attr]
+        context = _start(item, main, job, options)
+        ended = _watch(context, options.timeout, outdir)
+    finally:
+        port.close()
+        shutil.rmtree(outdir, ignore_errors=True)
+    _conclude(item, options, ended)
+
+
+def _reserve_port() -> socket.socket:
+    """A free port held bound (SO_REUSEADDR, not listening) until the test ends, so no
+    other test, pytest-xdist worker or session gets it; rank 0 can still listen on it
+    with SO_REUSEADDR (as torch's TCPStore does)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((MASTER_ADDR, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _test_arguments(item: pytest.Function) -> Dict[str, Any]:
+    from fastspawn._pytest_rank import RANK
+
+    names = getattr(getattr(item, "_fixtureinfo", None), "argnames", None)
+    if names is None:
+        names = tuple(item.funcargs)
+    kwargs = {name: item.funcargs[name] for name in names}
+    if "rank" in kwargs:
+        kwargs["rank"] = RANK
+    return kwargs
+
+
+def _warning_filters() -> List[Tuple[Any, ...]]:
+    """The current warning filters as plain data (categories by name)."""
+    filters = []
+    for action, message, category, module, lineno in warnings.filters:
+        filters.append(
+            (
+                action,
+                getattr(message, "pattern", message) or "",
+                (category.__module__, category.__qualname__),
+                getattr(module, "pattern", module) or "",
+                lineno,
+            )
+        )
+    return filters
+
+
+def _report_options(config: pytest.Config) -> Dict[str, Any]:
+    """How ranks format a failure: the pytest process's tb style, verbosity, and the
+    settings assertion explanations read."""
+    tbstyle = config.getoption("tbstyle", "auto")
+    verbosities: Dict[Optional[str], int] = {None: _verbosity(config, None)}
+    for name in dir(pytest.Config):
+        if name.startswith("VERBOSITY_") and name != "VERBOSITY_INI_DEFAULT":
+            kind = getattr(pytest.Config, name)
+            if isinstance(kind, str):
+                verbosities[kind] = _verbosity(config, kind)
+    ini = {}
+    for name in ("truncation_limit_lines", "truncation_limit_chars", "assertion_text_diff_style", "enable_assertion_pass_hook"):
+        try:
+            ini[name] = config.getini(name)
+        except (ValueError, KeyError):
+            pass
+    plain = (bool, int, float, str, type(None))
+    option_values = {k: v for k, v in vars(config.option).items() if isinstance(v, plain)}
+    return {
+        "tbstyle": {"auto": "long", "line": "short", "no": "short"}.get(tbstyle, tbstyle),
+        "tbstyle_auto": tbstyle == "auto",
+        "showlocals": bool(config.getoption("showlocals", False)),
+        "verbosity": verbosities[None],
+        "abspath": False,
+        "config": {"verbosities": verbosities, "ini": ini, "options": option_values},
+    }
+
+
+def _verbosity(config: pytest.Config, kind: Optional[str]) -> int:
+    try:
+        return int(config.get_verbosity(kind) if kind else config.get_verbosity())
+    except (AttributeError, ValueError, TypeError):
+        return int(config.getoption("verbose", 0) or 0)
+
+
+def _start(item: pytest.Function, main: Any, job: Any, options: SpawnOptions) -> Any:
+    import fastspawn
+
+    with warnings.catch_warnings(record=True) as caught:
+        # fastspawn's own notices (a zygote fallback, a preload failure) are not the
+        # test's warnings: logged, never turned into errors by the test's filters.
+        warnings.filterwarnings("always", message="fastspawn", category=RuntimeWarning)
+        try:
+            context = fastspawn.start_processes(
+                main, (job,), options.nprocs, join=False, start_method=options.start_method
+            )
+        except Exception as exc:
+            culprit = _unpicklable(item, job.kwargs)
+            if culprit is None:
+                raise
+            pytest.fail(f"{culprit} cannot be sent to the spawned processes: {type(exc).__name__}: {exc}", pytrace=False)
+    for warning in caught:
+        if issubclass(warning.category, RuntimeWarning) and str(warning.message).startswith("fastspawn"):
+            log.warning("%s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return context
+
+
+def _unpicklable(item: pytest.Function, kwargs: Mapping[str, Any]) -> Optional[str]:
+    """Which fixture value (or the test function) does not pickle, if any."""
+    from fastspawn._payload import dumps_call
+
+    def pickles(obj: Any) -> bool:
+        try:
+            dumps_call(_unpicklable, (obj,))
+        except Exception:
+            return False
+        return True
+
+    for name, value in kwargs.items():
+        if not pickles(value):
+            return (
+                f"fixture {name!r} (evaluated once in the pytest process, then pickled to "
+                "every rank)"
+            )
+    if not pickles(item.obj):
+        return f"test function {item.name!r} (it must be importable by name from its module)"
+    return None
+
+
+class Ended(NamedTuple):
+    """How each rank ended."""
+
+    results: List[Optional[Dict[str, Any]]]  # the rank's result record, None if it sent none
+    exitcodes: List[Optional[int]]
+    pids: List[int]
+    stopped: Dict[int, str]  # ranks we stopped -> their stacks at that moment
+    timed_out: bool
+    elapsed: float
+    crash_detail: Dict[int, str]  # error the machinery reported for a rank without result
+
+
+def _watch(context: Any, timeout: Optional[float], outdir: str) -> Ended:
+    """Wait for the ranks: until all ended, the timeout, or (after a rank ended without
+    passing) the settle time; stop whatever is still running, stacks dumped."""
+    from multiprocessing.connection import wait as wait_ready
+
+    from fastspawn._pytest_rank import result_path, stack_path
+
+    processes = list(context.processes)
+    n = len(processes)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    settle_by: Optional[float] = None
+    results: List[Optional[Dict[str, Any]]] = [None] * n
+    pending = dict(enumerate(processes))
+    timed_out = False
+    try:
+        while pending:
+            ends = [t for t in (deadline, settle_by) if t is not None]
+            left = None if not ends else max(0.0, min(ends) - time.monotonic())
+            by_sentinel = {process.sentinel: r for r, process in pending.items()}
+            ready = wait_ready(list(by_sentinel), left)
+            for sentinel in ready:
+                r = by_sentinel[sentinel]
+                pending.pop(r).join()
+                results[r] = _read_result(result_path(outdir, r))
+                if settle_by is None and (results[r] or {}).get("outcome") != "passed":
+                    settle_by = time.monotonic() + _SETTLE_SECONDS
+            if not ready and ends and time.monotonic() >= min(ends):
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                break
+    finally:
+        _stop(pending)  # also on KeyboardInterrupt or a pytest-timeout in the wait
+    elapsed = time.monotonic() - started
+    stopped = {r: _read_text(stack_path(outdir, r)) for r in pending}
+    crash_detail: Dict[int, str] = {}
+    exitcodes = [process.exitcode for process in processes]
+    if any(results[r] is None and r not in stopped for r in range(n)):
+        crash_detail = _machinery_errors(context)
+    for r in range(n):
+        if results[r] is None and r not in stopped:
+            crash_detail.setdefault(r, _read_text(stack_path(outdir, r)))
+    return Ended(results, exitcodes, [process.pid for process in processes], stopped, timed_out, elapsed, crash_detail)
+
+
+def _stop(processes: Mapping[Any, Any], grace: float = _STOP_GRACE_SECONDS) -> None:
+    """SIGTERM (a rank dumps its stacks then dies), up to ``grace`` s, SIGKILL, reap."""
+    from multiprocessing.connection import wait as wait_ready
+
+    alive = [p for p in processes.values() if p.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + grace
+    while alive:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        wait_ready([p.sentinel for p in alive], left)
+        alive = [p for p in alive if p.is_alive()]
+    for process in alive:
+        process.kill()
+    for process in processes.values():
+        process.join()
+
+
+def _machinery_errors(context: Any) -> Dict[int, str]:
+    """The error fastspawn reported for a rank that never ran the test (e.g. a fixture
+    value that failed to unpickle there): the first one, as ProcessContext.join gives it."""
+    import fastspawn
+
+    try:
+        context.join(0)
+    except fastspawn.ProcessRaisedException as exc:
+        return {exc.error_index: str(exc).strip()}
+    except fastspawn.ProcessException:
+        pass
+    return {}
+
+
+def _read_result(path: str) -> Optional[Dict[str, Any]]:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------- the test's outcome
+class RanksFailed(Exception):
+    """A spawned test failed in a way that has no exception of its own (a timeout, a
+    crashed rank, or a failure whose exception did not unpickle)."""
+
+
+class SpawnFailureRepr(TerminalRepr):
+    """A spawned test's failure: a headline, then one section per rank that failed or
+    was stopped (pytest's own rendering of the rank's traceback, or a stack dump)."""
+
+    def __init__(self, headline: str, sections: Sequence[Tuple[str, Any]], crash: Tuple[str, int, str]) -> None:
+        self.headline = headline
+        self.sections = list(sections)
+        self.reprcrash = ReprFileLocation(*crash)  # the short summary's message
+
+    def toterminal(self, tw: Any) -> None:
+        if self.headline:
+            tw.line(self.headline, red=True, bold=True)
+        for title, body in self.sections:
+            tw.sep("-", title)
+            if hasattr(body, "toterminal"):
+                body.toterminal(tw)
+            else:
+                for line in str(body).splitlines():
+                    tw.line(line)
+
+
+def _conclude(item: pytest.Function, options: SpawnOptions, ended: Ended) -> None:
+    n = len(ended.results)
+    outcomes = [(result or {}).get("outcome") for result in ended.results]
+    failed = [r for r in range(n) if outcomes[r] == "failed"]
+    crashed = [r for r in range(n) if outcomes[r] is None and r not in ended.stopped]
+    if ended.timed_out or failed or crashed:
+        _fail(item, options, ended, failed, crashed)
+    xfailed = [r for r in range(n) if outcomes[r] == "xfailed"]
+    if xfailed:
+        pytest.xfail(_reason(ended, xfailed))
+    skipped = [r for r in range(n) if outcomes[r] == "skipped"]
+    if skipped:
+        reason = _reason(ended, skipped)
+        try:
+            skip = pytest.skip.Exception(reason, _use_item_location=True)  # type: ignore[call-arg]
+        except TypeError:  # older pytest: reported at the plugin's line
+            skip = pytest.skip.Exception(reason)
+        raise skip
+
+
+def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: List[int], crashed: List[int]) -> None:
+    import pickle
+
+    n = len(ended.results)
+    headline = ""
+    if ended.timed_out:
+        headline = (
+            f"spawn timeout: {len(ended.stopped)} of {n} rank(s) still running after "
+            f"{options.timeout:g} s; their stacks when it expired are below"
+        )
+    sections: List[Tuple[str, Any]] = []
+    crash: Optional[Tuple[str, int, str]] = None
+    path, lineno, _ = item.reportinfo()
+    for r in range(n):
+        label = f"rank {r} of {n} (pid {ended.pids[r]})"
+        if r in failed:
+            result = ended.results[r] or {}
+            body: Any = result.get("text", "")
+            try:
+                body = pickle.loads(result["repr"])
+            except Exception:
+                pass  # the plain traceback text
+            sections.append((f"{label} failed", body))
+            where = getattr(body, "reprcrash", None)
+            message = f"rank {r}: {result.get('message', '')}"
+            if crash is None and where is not None:
+                crash = (str(where.path), int(where.lineno), message)
+            elif crash is None:
+                crash = (str(path), (lineno or 0) + 1, message)
+        elif r in crashed:
+            title = f"{label} {_exit_text(ended.exitcodes[r])} without finishing the test"
+            sections.append((title, ended.crash_detail.get(r) or "(it reported nothing)"))
+            crash = crash or (str(path), (lineno or 0) + 1, f"rank {r} {_exit_text(ended.exitcodes[r])}")
+        elif r in ended.stopped:
+            why = "when the timeout expired" if ended.timed_out else f"{_SETTLE_SECONDS:g} s after another rank ended"
+            sections.append((f"{label} was stopped; its stack {why}", ended.stopped[r] or "(the rank dumped no stack)"))
+    if headline:
+        crash = (str(path), (lineno or 0) + 1, headline)
+    assert crash is not None
+    item.stash[_FAILURE] = SpawnFailureRepr(headline, sections, crash)
+    first = ended.results[failed[0]] if failed and not ended.timed_out else None
+    if first is not None and "exception" in first:
+        try:
+            exc = pickle.loads(first["exception"])
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            raise exc  # the rank's own exception: @pytest.mark.xfail(raises=...) sees its type
+    raise RanksFailed(crash[2])
+
+
+def _reason(ended: Ended, ranks: Sequence[int]) -> str:
+    messages = {ended.results[r]["message"] for r in ranks}  # type: ignore[index]
+    if len(messages) == 1 and len(ranks) == len(ended.results):
+        return messages.pop()
+    return "; ".join(f"rank {r}: {ended.results[r]['message']}" for r in ranks)  # type: ignore[index]
+
+
+def _exit_text(code: Optional[int]) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        import signal
+
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
