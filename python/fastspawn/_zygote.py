@@ -153,8 +153,6 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
             os.dup2(fd, target)
         mine = {control_fd, result_fd} | {fd for fd, _ in own_stdio}
         _close_all([fd for fd in fds[: 2 * n] + fds[end:] if fd not in mine] + list(stdio_fds.values()))
-        _skip_inherited_exit_finalizers()
-        _apply(request)
         _child.enter_rank(request["rank_env"][rank] if request["rank_env"] else None, own_stdio)
         _reseed()
         spec = _child.ChildSpec(*request["specs"][rank])._replace(
@@ -171,10 +169,10 @@ def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: 
 
 
 def _skip_inherited_exit_finalizers() -> None:
-    # weakref.finalize objects made by the zygote's imports would run at the child's exit
-    # (torch registers thousands: ~30 ms of copy-on-write faults per child). They only
-    # tear down in-process state the child is about to lose anyway; the child's own
-    # finalizers still run at exit.
+    # weakref.finalize objects made by the zygote's imports would run at each child's
+    # exit (torch registers thousands: ~30 ms of copy-on-write faults per child). They
+    # only tear down in-process state the child is about to lose anyway; the child's own
+    # finalizers still run at exit. (The zygote itself ends with os._exit.)
     import weakref
 
     for fin in list(weakref.finalize._registry):  # type: ignore[attr-defined]
@@ -182,7 +180,8 @@ def _skip_inherited_exit_finalizers() -> None:
 
 
 def _apply(request: Dict[str, Any]) -> None:
-    """The caller's context at the time of the call, not the zygote's."""
+    """The caller's context at the time of the call: environment, cwd, umask, sys.path,
+    argv, authkey. Applied in the zygote before it forks the request's children."""
     from multiprocessing import process
 
     env = request["env"]
@@ -200,30 +199,55 @@ def _apply(request: Dict[str, Any]) -> None:
 
 
 def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
-    """Fork the request's children. Replies as soon as the first one exists (the caller
-    adopts them from their own pipes meanwhile); returns a reply only if none was sent."""
+    """Fork the request's children (see _split). Replies as soon as the first one exists
+    (the caller adopts them from their own pipes meanwhile); returns a reply only if none
+    was sent."""
+    # Once here rather than in every child: the zygote takes on the caller's context
+    # (each request overwrites all of it), then imports fn's module in that context.
+    _apply(request)
     module = request.get("fn_module")
     if module and module not in sys.modules:
         _import(module)  # a failure shows up in the children, with its traceback
     reason = _health()
     if reason is not None:
         return {"ok": False, "fallback": reason}
+    _skip_inherited_exit_finalizers()
     gc.freeze()  # fewer copy-on-write faults in the children
     try:
         pid = _core.zygote_fork(owner)
     except OSError as exc:
         return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {exc}"}
     if pid == 0:
-        _child_after_fork(request, 0, fds, sock)
+        try:
+            rank = _split(request["n"], owner)
+        except BaseException:
+            os._exit(1)  # never back into the zygote's loop
+        _child_after_fork(request, rank, fds, sock)
     _send(sock, {"ok": True})
-    try:
-        for rank in range(1, request["n"]):
-            if _core.zygote_fork(owner) == 0:
-                _child_after_fork(request, rank, fds, sock)
-    except Exception:
-        # Already replied: the caller sees which ranks never announced themselves.
-        log.debug("fastspawn zygote: fork failed", exc_info=True)
     return None
+
+
+def _split(n: int, owner: int) -> int:
+    """In the zygote's one child per request: become ranks 0..n-1 by halving.
+
+    The zygote forks once and is free again; its child forks a sibling (clone with
+    CLONE_PARENT: the caller's child too) that takes the upper half of the ranks, then
+    goes on with the lower half, and each sibling does the same. Forking a big
+    interpreter costs milliseconds; this way every core forks at once and the last
+    child exists after log2(n) forks instead of n. Returns this process's rank.
+    """
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi + 1) // 2
+        try:
+            if _core.zygote_fork(owner) == 0:
+                lo = mid
+                continue
+        except OSError:
+            # Ranks mid..hi-1 never announce themselves: the caller reports them.
+            log.debug("fastspawn zygote child: fork failed", exc_info=True)
+        hi = mid
+    return lo
 
 
 def main() -> None:
