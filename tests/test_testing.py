@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+from _no_torch import env_without_torch
 
 # A torch-style distributed test class, as found in torch's own test suite; only the
 # line BASE_IMPORT differs between the two copies that are run. The module logs the pid
@@ -259,14 +260,8 @@ def behaviours(tmp_path_factory):
     """The BEHAVIOURS module run once, with torch hidden: (outcomes, rank log)."""
     directory = tmp_path_factory.mktemp("behaviours")
     (directory / "test_behaviours.py").write_text(BEHAVIOURS)
-    hidden = directory / "hidden"
-    (hidden / "torch").mkdir(parents=True)
-    (hidden / "torch" / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-    )
     rank_log = directory / "ranks.log"
-    pythonpath = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
-    outcomes = run_pytest(directory, {"RANK_LOG": str(rank_log), "PYTHONPATH": pythonpath})
+    outcomes = run_pytest(directory, {**env_without_torch(directory), "RANK_LOG": str(rank_log)})
     return outcomes, read_log(rank_log)
 
 

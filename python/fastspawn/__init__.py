@@ -26,6 +26,8 @@ _EXPORTS = {
     "ProcessExitedException": "._errors",
     "ProcessRaisedException": "._errors",
     "ZygoteError": "._zygote",
+    "patch_torch": "._patch",
+    "unpatch_torch": "._patch",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -44,6 +46,18 @@ def __dir__() -> list:
     return __all__
 
 
+def _patch_torch_if_asked() -> None:
+    # FASTSPAWN_PATCH_TORCH=1: torch's spawn becomes fastspawn's at import (torch is
+    # imported only then, and its absence is not an error).
+    from os import environ
+
+    if environ.get("FASTSPAWN_PATCH_TORCH") == "1":
+        import_module("._patch", __name__).patch_from_environment()
+
+
+_patch_torch_if_asked()
+
+
 if TYPE_CHECKING:
     from ._api import (
         ENV_VAR_PARALLEL_START,
@@ -57,4 +71,5 @@ if TYPE_CHECKING:
     )
     from ._run import run
     from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
+    from ._patch import patch_torch, unpatch_torch
     from ._zygote import ZygoteError
