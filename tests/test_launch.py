@@ -153,3 +153,23 @@ def test_programs_lead_their_own_process_group():
     ctx = _api.launch_programs([[sys.executable, "-c", "import os; os._exit(os.getpgid(0) == os.getpid())"]], [dict(os.environ)])
     ctx._run.wait_all(None)
     assert ctx._run.exitcodes == [1]
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_dead_resource_tracker_is_restarted_for_the_next_call(reaped):
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    tracker = resource_tracker._resource_tracker
+    old_pid = tracker._pid
+    os.kill(old_pid, 9)
+    if reaped:
+        os.waitpid(old_pid, 0)
+    else:
+        os.waitid(os.P_PID, old_pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        assert psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.warns(UserWarning, match="resource_tracker: process died unexpectedly"):
+        ctx = _api.launch(w.fail_on, (5,), 1, return_values=True)
+    join_all(ctx)
+    assert ctx.return_value(0) == 0
+    assert tracker._pid not in (None, old_pid)

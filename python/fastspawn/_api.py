@@ -607,6 +607,24 @@ def _resolve_program(name: str, env: Mapping[str, str]) -> str:
     return found
 
 
+def _tracker_fd() -> int:
+    """multiprocessing's resource tracker fd for the children, started if need be.
+
+    ``resource_tracker.getfd()`` probes the tracker by writing to it, which wakes that
+    process on every call; when the tracker is our own child, asking the kernel whether
+    it is still running is enough.
+    """
+    tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    fd, pid = tracker._fd, tracker._pid
+    if fd is not None and pid is not None:
+        try:
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                return int(fd)
+        except ChildProcessError:
+            pass  # gone and reaped elsewhere: let multiprocessing restart it
+    return int(resource_tracker.getfd())
+
+
 def _launch(
     fn: Callable[..., Any],
     args: tuple,
@@ -658,7 +676,7 @@ def _launch(
     else:
         payload, pass_fds = _payload.dumps_call(fn, args)
         preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
-        tracker_fd = resource_tracker.getfd() if nprocs else None
+        tracker_fd = _tracker_fd() if nprocs else None
         run = None
         if nprocs and use_zygote:
             zygote = _zygotes.get(preparation)
