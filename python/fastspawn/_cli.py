@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Set, Tuple
 
 __all__ = ["main", "run_rank", "expand_hostlist", "script_imports", "NodeLayout", "rank_envs"]
 
@@ -69,38 +69,25 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------ arguments
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+def _bounded_int(low: int, high: Optional[int], name: str) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high]; argparse names it ``name`` in errors."""
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
-_positive_int.__name__ = "positive int"  # argparse names the type in its message
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_non_negative_int.__name__ = "non-negative int"
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 < value < 65536:
-        raise ValueError(text)
-    return value
-
-
-_port.__name__ = "port (1-65535)"
+_positive_int = _bounded_int(1, None, "positive int")
+_non_negative_int = _bounded_int(0, None, "non-negative int")
+_port = _bounded_int(1, 65535, "port (1-65535)")
 
 
 def _seconds(text: str) -> float:
@@ -114,35 +101,17 @@ _seconds.__name__ = "number of seconds"
 
 
 def _std(text: str) -> str:
-    _parse_std(text)
+    from .elastic import Std
+
+    Std.from_str(text)  # raises ValueError
     return text
 
 
 _std.__name__ = "Std value (0-3, or LOCAL_RANK:VALUE,...)"
 
 
-def _parse_std(text: str) -> object:
-    """``"3"`` or ``"0:1,1:2"`` (ranks of any number of digits), as torch's Std.from_str."""
-    def one(value: str) -> int:
-        number = int(value)
-        if not 0 <= number <= 3:
-            raise ValueError(value)
-        return number
-
-    if ":" not in text:
-        return one(text)
-    mapping = {}
-    for item in text.split(","):
-        rank, _, value = item.partition(":")
-        mapping[_non_negative_int(rank)] = one(value)
-    return mapping
-
-
-def _rank_list(text: str) -> str:
-    ranks = [_non_negative_int(part) for part in text.split(",")]
-    if not ranks:
-        raise ValueError(text)
-    return text
+def _rank_list(text: str) -> Set[int]:
+    return {_non_negative_int(part) for part in text.split(",")}
 
 
 _rank_list.__name__ = "comma-separated list of local ranks"
@@ -245,12 +214,9 @@ def split_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
             return list(argv[:i]), Target("program", argv[i + 1], tuple(argv[i + 2 :]))
         if token.startswith("-") and token != "-":
             flag = token.split("=", 1)[0]
-            if flag in ("-m", "--module"):
-                module = True
-            elif flag in takes_value and takes_value[flag] and "=" not in token:
-                i += 1  # its value (argparse reports it if missing)
-            elif flag not in takes_value and len(token) > 2 and not token.startswith("--"):
-                pass  # "-n8": a short option with its value attached
+            module = module or flag in ("-m", "--module")
+            if takes_value.get(flag) and "=" not in token:
+                i += 1  # skip its value ("-n8" carries it: "-n8" is no flag of ours)
             i += 1
             continue
         return list(argv[:i]), Target("module" if module else "script", token, tuple(argv[i + 1 :]))
@@ -428,7 +394,7 @@ def _new_run_id() -> str:
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now (rank 0 binds it for the rendezvous store)."""
+    """A TCP port nobody listens on now (for the rendezvous store that rank 0 starts)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
@@ -617,8 +583,10 @@ def plan_command(argv: Sequence[str], env: Mapping[str, str]) -> Plan:
         program = _resolve_program(target.name, env)
     elif target.kind == "script" and not os.path.isfile(target.name):
         raise UsageError(f"can't open file {target.name!r}: no such file")
+    from .elastic import Std
+
     for flag, value in (("--redirects", options.redirects), ("--tee", options.tee)):
-        mapping = _parse_std(value)
+        mapping = Std.from_str(value)
         if isinstance(mapping, dict) and any(rank >= options.nproc_per_node for rank in mapping):
             raise UsageError(f"{flag} {value!r} names a local rank >= -n {options.nproc_per_node}")
     return Plan(options, target, resolve_layout(options, env), program)
@@ -819,9 +787,8 @@ def run(plan: Plan) -> int:
     tee = to_map(Std.from_str(options.tee), nproc)
     # What is not redirected to a file goes to the console teed: whole, prefixed lines.
     tee = {i: tee[i] | (Std.ALL & ~redirects[i]) for i in range(nproc)}
-    ranks_filter = {int(r) for r in options.local_ranks_filter.split(",")} if options.local_ranks_filter else None
     logs_specs = DefaultLogsSpecs(log_dir=options.log_dir, redirects=redirects, tee=tee,
-                                  local_ranks_filter=ranks_filter)
+                                  local_ranks_filter=options.local_ranks_filter)
     prefixes = _line_prefixes(layout, os.environ)
     agent_store = _uses_torch(modules)
     fixed_port = options.master_port is not None or layout.nnodes > 1
