@@ -100,16 +100,6 @@ def _seconds(text: str) -> float:
 _seconds.__name__ = "number of seconds"
 
 
-def _std(text: str) -> str:
-    from .elastic import Std
-
-    Std.from_str(text)  # raises ValueError
-    return text
-
-
-_std.__name__ = "Std value (0-3, or LOCAL_RANK:VALUE,...)"
-
-
 def _rank_list(text: str) -> Set[int]:
     return {_non_negative_int(part) for part in text.split(",")}
 
@@ -154,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/<run id>_<random>/attempt_<k>/<local rank>/{stdout.log,stderr.log,error.json} "
         "(torchrun's layout); without it they live in a temporary directory removed at "
         "exit. Example: --log-dir logs")
-    add("-r", "--redirects", type=_std, default="0", metavar="STD",
+    add("-r", "--redirects", default="0", metavar="STD",
         help="send ranks' streams to log files instead of the console: 0 none, 1 stdout, "
         "2 stderr, 3 both, or per local rank LOCAL_RANK:VALUE,... Example: --redirects 3")
-    add("-t", "--tee", type=_std, default="0", metavar="STD",
+    add("-t", "--tee", default="0", metavar="STD",
         help="write ranks' streams to log files and to the console (same values as "
         "--redirects). Example: --tee 3 --log-dir logs")
     add("--local-ranks-filter", "--local_ranks_filter", type=_rank_list, default=None,
@@ -583,10 +573,15 @@ def plan_command(argv: Sequence[str], env: Mapping[str, str]) -> Plan:
         program = _resolve_program(target.name, env)
     elif target.kind == "script" and not os.path.isfile(target.name):
         raise UsageError(f"can't open file {target.name!r}: no such file")
-    from .elastic import Std
-
     for flag, value in (("--redirects", options.redirects), ("--tee", options.tee)):
-        mapping = Std.from_str(value)
+        if value == "0":
+            continue  # the default: no need to load fastspawn.elastic before the zygote starts
+        from .elastic import Std
+
+        try:
+            mapping = Std.from_str(value)
+        except ValueError:
+            raise UsageError(f"{flag} {value!r}: expected 0, 1, 2 or 3, or LOCAL_RANK:VALUE,...") from None
         if isinstance(mapping, dict) and any(rank >= options.nproc_per_node for rank in mapping):
             raise UsageError(f"{flag} {value!r} names a local rank >= -n {options.nproc_per_node}")
     return Plan(options, target, resolve_layout(options, env), program)
