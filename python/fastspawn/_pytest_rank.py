@@ -206,7 +206,7 @@ class RankMain:
             finally:
                 _AssertionHooks.uninstall()
         _write_result(result_path(job.outdir, rank), result)
-        _end_own_process_group()
+        _end_leftovers()
 
 
 def _restore(module: str, rewrite: Mapping[str, str]) -> RankMain:
@@ -248,19 +248,33 @@ def _write_result(path: str, result: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _end_own_process_group() -> None:
-    """No process a rank started outlives its test: SIGTERM the rest of its process group
-    (each rank leads its own), the rank itself ignoring it meanwhile."""
-    if os.getpgrp() != os.getpid():
-        return  # not a group of its own (never expected): nothing of ours to end
-    faulthandler.unregister(signal.SIGTERM)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _end_leftovers() -> None:
+    """No process a rank started outlives its test: once the body returned, SIGKILL what
+    is left in the rank's process group (each rank leads its own)."""
+    me = os.getpid()
+    if os.getpgrp() != me:
+        return  # not a group of its own (never expected): nothing of ours to tell apart
     try:
-        os.killpg(os.getpgrp(), signal.SIGTERM)
-    except OSError:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return  # no child left, running or not: the usual case, one system call
+    parent = os.getppid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, ...
+        # A sibling rank the zygote's tree is still forking can briefly be in our group:
+        # it is the caller's child, as we are.
+        if int(fields[2]) == me and int(fields[1]) != parent:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------- failure reports
@@ -269,7 +283,7 @@ def _describe(exc: BaseException, report: Mapping[str, Any]) -> Dict[str, Any]:
     from _pytest.outcomes import Failed, Skipped, XFailed
 
     if isinstance(exc, Skipped):
-        return {"outcome": "skipped", "message": exc.msg or ""}
+        return {"outcome": "skipped", "message": exc.msg or "", "where": _raised_at(exc)}
     if isinstance(exc, XFailed):
         return {"outcome": "xfailed", "message": exc.msg or ""}
     # Our own frame is not part of the test's traceback.
@@ -293,6 +307,19 @@ def _describe(exc: BaseException, report: Mapping[str, Any]) -> Dict[str, Any]:
     except Exception:
         pass  # the plain traceback text stands in
     return result
+
+
+def _raised_at(exc: BaseException) -> Optional[Tuple[str, int]]:
+    """Where the test raised ``exc``: the innermost frame pytest would show (not one
+    hidden with ``__tracebackhide__``, as pytest.skip's own is)."""
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if not frame.f_locals.get("__tracebackhide__", frame.f_globals.get("__tracebackhide__", False)):
+            where = (frame.f_code.co_filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return where
 
 
 def _one_line(exc: BaseException) -> str:

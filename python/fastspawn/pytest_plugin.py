@@ -74,8 +74,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("fastspawn_patch_torch") or config.getini("fastspawn_patch_torch"):
         from fastspawn._patch import patch_torch
 
-        patch_torch()
-        state.patched_torch = True
+        try:
+            state.torch_patch = patch_torch()
+        except ImportError as exc:
+            raise pytest.UsageError(f"--fastspawn-patch-torch / fastspawn_patch_torch: {exc}") from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -99,7 +101,7 @@ class _Session:
     def __init__(self) -> None:
         self._directory: Optional[str] = None
         self.active = False
-        self.patched_torch = False
+        self.torch_patch: Any = None  # patch_torch()'s handle: leaving it restores torch
         self._saved_env: Optional[str] = None
         self._saved_preload: Optional[List[str]] = None
         self._rewrite: Dict[str, str] = {}
@@ -156,18 +158,18 @@ class _Session:
                 os.environ[_SESSION_ENV] = self._saved_env
             fastspawn.preload(self._saved_preload or [])
             self.active = False
-        if self.patched_torch:
-            from fastspawn._patch import unpatch_torch
-
-            unpatch_torch()
-            self.patched_torch = False
+        if self.torch_patch is not None:
+            self.torch_patch.__exit__(None, None, None)
+            self.torch_patch = None
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
 
 
 _SESSION = pytest.StashKey[_Session]()
-_FAILURE = pytest.StashKey[Any]()
+# What the call's report shows instead of pytest's rendering of the parent-side
+# exception: a failure's SpawnFailureRepr, or a skip's (path, lineno) in the rank.
+_REPORT = pytest.StashKey[Tuple[str, Any]]()
 _SESSION_ENV = "FASTSPAWN_PYTEST_SESSION"  # same as _pytest_rank.SESSION_ENV
 
 
@@ -319,13 +321,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     if call.when != "call":
         return
-    failure = item.stash.get(_FAILURE, None)
-    if failure is None:
+    replacement = item.stash.get(_REPORT, None)
+    if replacement is None:
         return
-    del item.stash[_FAILURE]
+    del item.stash[_REPORT]
     report = outcome.get_result()
-    if report.failed:
-        report.longrepr = failure
+    kind, value = replacement
+    if kind == "failed" and report.failed:
+        report.longrepr = value
+    elif kind == "skipped" and report.skipped and isinstance(report.longrepr, tuple):
+        report.longrepr = (*value, report.longrepr[2])
 
 
 def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
@@ -444,11 +449,14 @@ def _start(item: pytest.Function, main: Any, job: Any, options: SpawnOptions) ->
             context = fastspawn.start_processes(
                 main, (job,), options.nprocs, join=False, start_method=options.start_method
             )
-        except Exception as exc:
+        except Exception:
             culprit = _unpicklable(item, job.kwargs)
             if culprit is None:
                 raise
-            pytest.fail(f"{culprit} cannot be sent to the spawned processes: {type(exc).__name__}: {exc}", pytrace=False)
+        else:
+            culprit = None
+    if culprit is not None:
+        pytest.fail(culprit, pytrace=False)
     for warning in caught:
         if issubclass(warning.category, RuntimeWarning) and str(warning.message).startswith("fastspawn"):
             log.warning("%s", warning.message)
@@ -458,24 +466,29 @@ def _start(item: pytest.Function, main: Any, job: Any, options: SpawnOptions) ->
 
 
 def _unpicklable(item: pytest.Function, kwargs: Mapping[str, Any]) -> Optional[str]:
-    """Which fixture value (or the test function) does not pickle, if any."""
+    """Why a fixture value (or the test function) cannot be sent to the ranks, if so."""
     from fastspawn._payload import dumps_call
 
-    def pickles(obj: Any) -> bool:
+    def problem(obj: Any) -> Optional[str]:
         try:
             dumps_call(_unpicklable, (obj,))
-        except Exception:
-            return False
-        return True
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc).split(' (while pickling')[0]}"
+        return None
 
     for name, value in kwargs.items():
-        if not pickles(value):
+        error = problem(value)
+        if error is not None:
             return (
-                f"fixture {name!r} (evaluated once in the pytest process, then pickled to "
-                "every rank)"
+                f"fixture {name!r} cannot be pickled to the spawned processes (fixtures are "
+                f"evaluated once in the pytest process and sent to every rank): {error}"
             )
-    if not pickles(item.obj):
-        return f"test function {item.name!r} (it must be importable by name from its module)"
+    error = problem(item.obj)
+    if error is not None:
+        return (
+            f"the test function cannot be pickled to the spawned processes (it must be "
+            f"importable by name from its module): {error}"
+        )
     return None
 
 
@@ -524,14 +537,14 @@ def _watch(context: Any, timeout: Optional[float], outdir: str) -> Ended:
     finally:
         _stop(pending)  # also on KeyboardInterrupt or a pytest-timeout in the wait
     elapsed = time.monotonic() - started
-    stopped = {r: _read_text(stack_path(outdir, r)) for r in pending}
+    stopped = {r: _test_frames(_read_text(stack_path(outdir, r))) for r in pending}
     crash_detail: Dict[int, str] = {}
     exitcodes = [process.exitcode for process in processes]
     if any(results[r] is None and r not in stopped for r in range(n)):
         crash_detail = _machinery_errors(context)
     for r in range(n):
         if results[r] is None and r not in stopped:
-            crash_detail.setdefault(r, _read_text(stack_path(outdir, r)))
+            crash_detail.setdefault(r, _test_frames(_read_text(stack_path(outdir, r))))
     return Ended(results, exitcodes, [process.pid for process in processes], stopped, timed_out, elapsed, crash_detail)
 
 
@@ -577,6 +590,24 @@ def _read_result(path: str) -> Optional[Dict[str, Any]]:
             return pickle.load(f)
     except (OSError, EOFError, pickle.UnpicklingError):
         return None
+
+
+def _test_frames(dump: str) -> str:
+    """A faulthandler dump without the frames below the test (fastspawn's rank
+    bootstrap): in each thread's stack, the lines from the rank's entry point down."""
+    from fastspawn import _pytest_rank
+
+    entry = f'File "{_pytest_rank.__file__}"'
+    lines: List[str] = []
+    skipping = False
+    for line in dump.splitlines():
+        if not line.startswith("  "):  # a thread's header, or a blank line between them
+            skipping = False
+        elif entry in line:
+            skipping = True
+        if not skipping:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def _read_text(path: str) -> str:
@@ -626,26 +657,29 @@ def _conclude(item: pytest.Function, options: SpawnOptions, ended: Ended) -> Non
         pytest.xfail(_reason(ended, xfailed))
     skipped = [r for r in range(n) if outcomes[r] == "skipped"]
     if skipped:
-        reason = _reason(ended, skipped)
-        try:
-            skip = pytest.skip.Exception(reason, _use_item_location=True)  # type: ignore[call-arg]
-        except TypeError:  # older pytest: reported at the plugin's line
-            skip = pytest.skip.Exception(reason)
-        raise skip
+        where = ended.results[skipped[0]].get("where")  # type: ignore[union-attr]
+        if where:
+            item.stash[_REPORT] = ("skipped", tuple(where))  # where the rank skipped
+        pytest.skip(_reason(ended, skipped))
 
 
 def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: List[int], crashed: List[int]) -> None:
     import pickle
 
     n = len(ended.results)
-    headline = ""
     if ended.timed_out:
         headline = (
             f"spawn timeout: {len(ended.stopped)} of {n} rank(s) still running after "
             f"{options.timeout:g} s; their stacks when it expired are below"
         )
+    else:
+        headline = "; ".join(
+            f"rank {r}: {(ended.results[r] or {}).get('message', '')}" if r in failed
+            else f"rank {r} {_exit_text(ended.exitcodes[r])}"
+            for r in sorted(failed + crashed)
+        )
     sections: List[Tuple[str, Any]] = []
-    crash: Optional[Tuple[str, int, str]] = None
+    crash: Optional[Tuple[str, int, str]] = None  # where the first failing rank failed
     path, lineno, _ = item.reportinfo()
     for r in range(n):
         label = f"rank {r} of {n} (pid {ended.pids[r]})"
@@ -658,22 +692,17 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
                 pass  # the plain traceback text
             sections.append((f"{label} failed", body))
             where = getattr(body, "reprcrash", None)
-            message = f"rank {r}: {result.get('message', '')}"
             if crash is None and where is not None:
-                crash = (str(where.path), int(where.lineno), message)
-            elif crash is None:
-                crash = (str(path), (lineno or 0) + 1, message)
+                crash = (str(where.path), int(where.lineno), headline)
         elif r in crashed:
             title = f"{label} {_exit_text(ended.exitcodes[r])} without finishing the test"
             sections.append((title, ended.crash_detail.get(r) or "(it reported nothing)"))
-            crash = crash or (str(path), (lineno or 0) + 1, f"rank {r} {_exit_text(ended.exitcodes[r])}")
         elif r in ended.stopped:
             why = "when the timeout expired" if ended.timed_out else f"{_SETTLE_SECONDS:g} s after another rank ended"
             sections.append((f"{label} was stopped; its stack {why}", ended.stopped[r] or "(the rank dumped no stack)"))
-    if headline:
+    if crash is None or ended.timed_out:
         crash = (str(path), (lineno or 0) + 1, headline)
-    assert crash is not None
-    item.stash[_FAILURE] = SpawnFailureRepr(headline, sections, crash)
+    item.stash[_REPORT] = ("failed", SpawnFailureRepr(headline, sections, crash))
     first = ended.results[failed[0]] if failed and not ended.timed_out else None
     if first is not None and "exception" in first:
         try:

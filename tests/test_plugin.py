@@ -1,0 +1,588 @@
+"""The pytest plugin (fastspawn.pytest_plugin), driven through pytester: each test writes
+a small test suite, runs pytest on it (in a subprocess where isolation matters) and checks
+the outcome, the report, and what the ranks recorded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List
+
+import psutil
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# The inner sessions run as strictly as this project's own.
+INNER_INI = """
+[pytest]
+filterwarnings =
+    error
+    ignore:Module already imported so cannot be rewritten. _editable_skbc_:pytest.PytestAssertRewriteWarning
+"""
+
+# Imported by the inner tests: ranks record facts as JSON files; the last inner test of a
+# file checks that no process a test started outlived it.
+RECORDER = '''
+import glob, json, os
+import psutil
+
+def record(name, **data):
+    path = os.path.join(os.environ["RECORD_DIR"], name + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+def recorded():
+    out = {}
+    for path in glob.glob(os.path.join(os.environ["RECORD_DIR"], "*.json")):
+        with open(path) as f:
+            out[os.path.basename(path)[:-5]] = json.load(f)
+    return out
+
+def still_running(pids):
+    """Those of pids that still exist (not counting zombies), after up to 10 s."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+def recorded_pids():
+    pids = []
+    for data in recorded().values():
+        pids += [data["pid"]] if "pid" in data else []
+        pids += data.get("pids", [])
+    return pids
+'''
+
+NOTHING_LEFT = '''
+
+def test_zz_nothing_left_running():
+    from recorder import recorded_pids, still_running
+    pids = recorded_pids()
+    assert pids
+    assert still_running(pids) == []
+'''
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.Pytester:
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("RECORD_DIR", str(records))
+    monkeypatch.setenv("COLUMNS", "300")  # summary lines unabridged
+    pytester.makeini(INNER_INI)
+    pytester.makepyfile(recorder=RECORDER)
+    return pytester
+
+
+def records() -> Dict[str, Any]:
+    out = {}
+    for path in Path(os.environ["RECORD_DIR"]).glob("*.json"):
+        out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+
+
+def line(path: Path, text: str) -> int:
+    """The number of the first line of the file containing ``text``."""
+    return next(i for i, content in enumerate(path.read_text().splitlines(), 1) if text in content)
+
+
+def gone(pids: List[int]) -> bool:
+    alive = []
+    for pid in pids:
+        try:
+            alive.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
+# ------------------------------------------------------------------------- passing
+PASSING = """
+import os, subprocess, sys
+import pytest
+from recorder import record
+
+IMPORTED_IN = os.getpid()  # the zygote's pid when the zygote imports this module
+
+class Payload:
+    def __init__(self, value):
+        self.value = value
+
+@pytest.fixture
+def payload():
+    return Payload(41)
+
+@pytest.fixture
+def pytest_pid():
+    return os.getpid()
+
+@pytest.mark.spawn(nprocs=3)
+def test_env(rank, world_size, init_method, pytest_pid, payload, tmp_path):
+    if rank == 2:  # left running when the test passes: it must not outlive the test
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        record("grandchild", pid=child.pid)
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    record(f"env-{rank}", env={k: os.environ[k] for k in names}, rank=rank,
+           world_size=world_size, init_method=init_method, pid=os.getpid(),
+           ppid=os.getppid(), pytest_pid=pytest_pid, imported_in=IMPORTED_IN,
+           payload=payload.value, tmp_path=str(tmp_path))
+
+@pytest.mark.parametrize("value", ["a", "b"])
+@pytest.mark.spawn(nprocs=2)
+def test_param(rank, value, init_method):
+    record(f"param-{value}-{rank}", value=value, port=os.environ["MASTER_PORT"],
+           init_method=init_method, imported_in=IMPORTED_IN, pid=os.getpid())
+
+class TestClass:
+    @pytest.mark.spawn(nprocs=2)
+    def test_method(self, rank):
+        record(f"method-{rank}", pid=os.getpid(), imported_in=IMPORTED_IN)
+""" + NOTHING_LEFT
+
+
+def test_ranks_get_env_fixtures_and_parameters(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_passing=PASSING)
+    result = run(suite)
+    result.assert_outcomes(passed=5)
+    seen = records()
+    env = [seen[f"env-{r}"] for r in range(3)]
+    port = env[0]["env"]["MASTER_PORT"]
+    for r, data in enumerate(env):
+        assert data["rank"] == r
+        assert data["world_size"] == 3
+        assert data["env"] == {
+            "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        }
+        assert data["payload"] == 41  # a fixture's value, pickled to every rank
+        assert data["tmp_path"] == env[0]["tmp_path"]  # evaluated once, in pytest
+        assert data["init_method"] == env[0]["init_method"]
+        assert data["ppid"] == data["pytest_pid"]  # the ranks are pytest's children
+    assert env[0]["init_method"].startswith("file://")
+    assert [seen[f"param-{v}-{r}"]["value"] for v in "ab" for r in range(2)] == ["a", "a", "b", "b"]
+    ports = {port, seen["param-a-0"]["port"], seen["param-b-0"]["port"]}
+    assert len(ports) == 3 and seen["param-a-0"]["port"] == seen["param-a-1"]["port"]
+    assert seen["param-a-0"]["init_method"] != seen["param-b-0"]["init_method"] != env[0]["init_method"]
+    assert seen["method-0"] and seen["method-1"]
+    # The test module was imported once, by the zygote (neither pytest nor a rank), and
+    # every test's ranks were forked from it.
+    ranks = [data for name, data in seen.items() if name != "grandchild"]
+    imported_in = {data["imported_in"] for data in ranks}
+    assert len(imported_in) == 1
+    assert imported_in.isdisjoint({env[0]["pytest_pid"]} | {data["pid"] for data in ranks})
+
+
+# ------------------------------------------------------------------------- failing
+FAILING = """
+import pytest
+
+@pytest.mark.spawn(nprocs=2)
+def test_one_rank_fails(rank):
+    assert [0, rank, 2] == [0, 1, 2]
+
+@pytest.mark.spawn(nprocs=3)
+def test_two_ranks_fail(rank):
+    doubled = rank * 2
+    assert doubled == 2
+"""
+
+
+@pytest.mark.parametrize("import_mode", ["prepend", "importlib"])
+def test_failing_ranks_are_reported_with_assertion_explanations(suite: pytest.Pytester, import_mode: str) -> None:
+    suite.makepyfile(test_failing=FAILING)
+    result = run(suite, f"--import-mode={import_mode}")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_one_rank_fails _*",
+            "rank 0: AssertionError: assert [[]0, 0, 2[]] == [[]0, 1, 2[]]",
+            "*- rank 0 of 2 (pid *) failed -*",
+            "rank = 0",
+            ">       assert [[]0, rank, 2[]] == [[]0, 1, 2[]]",
+            "E       assert [[]0, 0, 2[]] == [[]0, 1, 2[]]",
+            "E         At index 1 diff: 0 != 1",
+            "test_failing.py:5: AssertionError",
+            "*_ test_two_ranks_fail _*",
+            "rank 0: AssertionError: assert 0 == 2; rank 2: AssertionError: assert 4 == 2",
+            "*- rank 0 of 3 (pid *) failed -*",
+            ">       assert doubled == 2",
+            "E       assert 0 == 2",
+            "*- rank 2 of 3 (pid *) failed -*",
+            ">       assert doubled == 2",
+            "E       assert 4 == 2",
+            "*short test summary info*",
+            "FAILED test_failing.py::test_one_rank_fails - rank 0: AssertionError: assert*",
+            "FAILED test_failing.py::test_two_ranks_fail - rank 0: AssertionError: assert 0 == 2*",
+        ]
+    )
+    assert "rank 1 of 2" not in result.stdout.str() and "rank 1 of 3" not in result.stdout.str()
+
+
+# -------------------------------------------------------------------- skip, xfail
+OUTCOMES = """
+import pytest
+
+@pytest.mark.spawn(nprocs=2)
+def test_skipped(rank):
+    pytest.skip("no GPUs here")
+
+@pytest.mark.spawn(nprocs=2)
+def test_imperative_xfail(rank):
+    if rank == 1:
+        pytest.xfail("rank 1 knows")
+
+@pytest.mark.xfail(raises=ZeroDivisionError, reason="divides by zero", strict=True)
+@pytest.mark.spawn(nprocs=2)
+def test_xfail_marker(rank):
+    1 / rank
+
+@pytest.mark.xfail(raises=ZeroDivisionError, strict=True)
+@pytest.mark.spawn(nprocs=2)
+def test_xfail_marker_other_exception(rank):
+    raise KeyError(rank)
+
+@pytest.mark.xfail(reason="expected to fail", strict=True)
+@pytest.mark.spawn(nprocs=2)
+def test_xpass_strict(rank):
+    pass
+"""
+
+
+def test_skip_and_xfail_behave_as_in_a_plain_test(suite: pytest.Pytester) -> None:
+    path = suite.makepyfile(test_outcomes=OUTCOMES)
+    result = run(suite)
+    result.assert_outcomes(skipped=1, xfailed=2, failed=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            f"SKIPPED [[]1[]] test_outcomes.py:{line(path, 'pytest.skip(')}: no GPUs here",
+            "XFAIL test_outcomes.py::test_imperative_xfail - rank 1: rank 1 knows",
+            "XFAIL test_outcomes.py::test_xfail_marker - divides by zero",
+            "FAILED test_outcomes.py::test_xfail_marker_other_exception - rank 0: KeyError: 0*",
+            "FAILED test_outcomes.py::test_xpass_strict*expected to fail*",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------- timeout
+TIMEOUT = """
+import os, subprocess, sys, threading
+import pytest
+from recorder import record
+
+def hang_in_rank_zero():
+    threading.Event().wait()
+
+def hang_in_rank_one():
+    threading.Event().wait()
+
+def helper_thread_waits(started):
+    started.set()
+    threading.Event().wait()
+
+@pytest.mark.spawn(nprocs=2, timeout=1.5)
+def test_hangs(rank):
+    record(f"hang-{rank}", pid=os.getpid())
+    if rank == 0:
+        started = threading.Event()
+        threading.Thread(target=helper_thread_waits, args=(started,), daemon=True).start()
+        started.wait()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        record("grandchild", pid=child.pid)
+        hang_in_rank_zero()
+    hang_in_rank_one()
+
+@pytest.mark.spawn(nprocs=2)
+def test_default_timeout(rank):
+    record(f"default-{rank}", pid=os.getpid())
+    hang_in_rank_one()
+""" + NOTHING_LEFT
+
+
+def test_timeout_reports_every_rank_stack_and_kills_everything(suite: pytest.Pytester) -> None:
+    path = suite.makepyfile(test_timeout=TIMEOUT)
+    suite.makeini(INNER_INI + "spawn_timeout = 60\n")
+    result = run(suite, "--spawn-timeout=1")  # the marker's timeout= wins over it
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_hangs _*",
+            "spawn timeout: 2 of 2 rank(s) still running after 1.5 s; their stacks when it expired are below",
+            "*- rank 0 of 2 (pid *) was stopped; its stack when the timeout expired -*",
+            "Thread 0x*",
+            "*in helper_thread_waits",
+            "Current thread 0x*",
+            f'  File "*test_timeout.py", line {line(path, "def hang_in_rank_zero") + 1} in hang_in_rank_zero',
+            f'  File "*test_timeout.py", line {line(path, "        hang_in_rank_zero()")} in test_hangs',
+            "*- rank 1 of 2 (pid *) was stopped; its stack when the timeout expired -*",
+            f'  File "*test_timeout.py", line {line(path, "def hang_in_rank_one") + 1} in hang_in_rank_one',
+            f'  File "*test_timeout.py", line {line(path, "    hang_in_rank_one()")} in test_hangs',
+            "*_ test_default_timeout _*",
+            "spawn timeout: 2 of 2 rank(s) still running after 1 s; *",
+        ]
+    )
+    # The stack is the test's: the rank's bootstrap frames below it are cut.
+    assert "_child.py" not in result.stdout.str()
+    seen = records()
+    assert gone([data["pid"] for data in seen.values()])  # the grandchild too
+
+
+# -------------------------------------------------------------------------- errors
+ERRORS = """
+import os, sys, threading
+import pytest
+from recorder import record
+
+@pytest.fixture
+def lock():
+    return threading.Lock()
+
+@pytest.mark.spawn(nprocs=2)
+def test_unpicklable_fixture(lock):
+    pass
+
+@pytest.mark.spawn(nprocs=2)
+def test_rank_exits(rank):
+    record(f"exit-{rank}", pid=os.getpid())
+    if rank == 1:
+        print("rank 1 leaving", file=sys.stderr, flush=True)
+        os._exit(3)
+
+@pytest.mark.spawn(nprocs=0)
+def test_bad_marker():
+    pass
+
+def test_rank_without_marker(rank):
+    pass
+
+@pytest.fixture
+def device(rank):
+    return f"cuda:{rank}"
+
+@pytest.mark.spawn(nprocs=2)
+def test_fixture_depending_on_rank(device):
+    pass
+""" + NOTHING_LEFT
+
+
+def test_errors_name_their_cause(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_errors=ERRORS)
+    result = run(suite)
+    result.assert_outcomes(failed=3, errors=2, passed=1)
+    result.stdout.fnmatch_lines_random(
+        [
+            "fixture 'lock' cannot be pickled to the spawned processes (fixtures are evaluated "
+            "once in the pytest process and sent to every rank): TypeError: cannot pickle "
+            "'_thread.lock' object",
+            "*- rank 1 of 2 (pid *) exited with code 3 without finishing the test -*",
+            "rank 1 leaving",
+            "FAILED test_errors.py::test_rank_exits - rank 1 exited with code 3",
+            "*invalid @pytest.mark.spawn arguments: nprocs must be an int >= 1, got 0",
+            "*the 'rank' fixture needs the test to be marked @pytest.mark.spawn",
+            "E       TypeError: the 'rank' fixture has a value only inside the spawned processes*",
+        ]
+    )
+
+
+# ------------------------------------------------------------------- spawn fixture
+SPAWN_FIXTURE = """
+import os, threading
+import pytest
+import fastspawn
+from recorder import record
+
+def wait_forever(i):
+    threading.Event().wait()
+
+def check(i):
+    assert i == 5
+
+def test_left_running(spawn):
+    context = spawn(wait_forever, nprocs=2, join=False)
+    record("left-running", pids=context.pids())
+    assert all(p.is_alive() for p in context.processes)
+
+def test_join_raises_with_the_rewritten_assert(spawn):
+    with pytest.raises(fastspawn.ProcessRaisedException, match=r"assert [01] == 5"):
+        spawn(check, nprocs=2)
+""" + NOTHING_LEFT
+
+
+def test_spawn_fixture_stops_its_processes_at_teardown(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_spawn_fixture=SPAWN_FIXTURE)
+    result = run(suite)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*fastspawn: stopping 2 process(es) still running at teardown*"])
+
+
+# --------------------------------------------------------------------------- xdist
+XDIST = """
+import os, socket, time
+import pytest
+from recorder import record
+
+IMPORTED_IN = os.getpid()
+
+@pytest.fixture
+def worker_pid():
+    return os.getpid()
+
+@pytest.mark.parametrize("i", range(6))
+@pytest.mark.spawn(nprocs=2)
+def test_rendezvous(rank, i, worker_pid):
+    # What torch's TCPStore does with MASTER_PORT: rank 0 listens, the others connect.
+    port = int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", port))
+            server.listen()
+            conn, _ = server.accept()
+            conn.sendall(b"x")
+            conn.close()
+    else:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert conn.recv(1) == b"x"
+        conn.close()
+    record(f"x-{i}-{rank}", port=port, ppid=os.getppid(), worker_pid=worker_pid,
+           imported_in=IMPORTED_IN, pid=os.getpid())
+"""
+
+
+def test_xdist_workers_have_their_own_zygote_and_ports(suite: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    suite.makepyfile(test_xdist=XDIST)
+    result = run(suite, "-n", "2")
+    result.assert_outcomes(passed=6)
+    seen = list(records().values())
+    assert len({data["port"] for data in seen}) == 6  # one port per test, none shared
+    workers = {data["worker_pid"] for data in seen}
+    assert len(workers) == 2
+    assert all(data["ppid"] == data["worker_pid"] for data in seen)
+    zygotes = {(data["worker_pid"], data["imported_in"]) for data in seen}
+    assert len(zygotes) == 2 and not workers & {z for _, z in zygotes}
+    assert gone([data["pid"] for data in seen])
+
+
+# --------------------------------------------------------------------------- torch
+TORCH = """
+import pytest
+import torch
+import torch.distributed as dist
+
+def all_reduce_sum(rank):
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return t.item()
+
+@pytest.mark.spawn(nprocs=2)
+def test_env_rendezvous(rank):
+    dist.init_process_group("gloo")
+    assert all_reduce_sum(rank) == 3.0
+
+@pytest.mark.spawn(nprocs=2)
+def test_file_rendezvous(rank, world_size, init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    assert all_reduce_sum(rank) == 3.0
+"""
+
+
+def test_gloo_process_group_with_env_and_init_method(suite: pytest.Pytester) -> None:
+    if importlib.util.find_spec("torch") is None:  # not imported here: see torch_multiprocessing
+        pytest.skip("torch is not installed")
+    suite.makepyfile(test_torch=TORCH)
+    run(suite).assert_outcomes(passed=2)
+
+
+# ------------------------------------------------------------- options, patching
+def test_timeout_option_precedence(pytester: pytest.Pytester) -> None:
+    from fastspawn.pytest_plugin import default_timeout
+
+    pytester.makeini("[pytest]\nspawn_timeout = 7\n")
+    assert default_timeout(pytester.parseconfig()) == 7.0
+    assert default_timeout(pytester.parseconfig("--spawn-timeout=2.5")) == 2.5
+    assert default_timeout(pytester.parseconfig("--spawn-timeout=0")) is None
+    pytester.makeini("[pytest]\n")
+    assert default_timeout(pytester.parseconfig()) is None
+
+
+PATCHED = """
+import fastspawn
+import torch.multiprocessing
+
+def test_torch_spawn_is_fastspawn():
+    assert torch.multiprocessing.spawn is fastspawn.spawn
+    assert torch.multiprocessing.start_processes is fastspawn.start_processes
+"""
+
+
+@pytest.fixture(scope="module")
+def torch_multiprocessing() -> Any:
+    # Imported before pytester's fixture notes sys.modules: it drops what a test
+    # imported, and torch cannot be imported twice in a process.
+    return pytest.importorskip("torch.multiprocessing")
+
+
+@pytest.mark.parametrize("how", ["option", "ini"])
+def test_patch_torch_for_the_session(torch_multiprocessing: Any, pytester: pytest.Pytester, how: str) -> None:
+    torch_mp = torch_multiprocessing
+    original = torch_mp.spawn
+    pytester.makepyfile(test_patched=PATCHED)
+    if how == "ini":
+        pytester.makeini("[pytest]\nfastspawn_patch_torch = true\n")
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    else:
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--fastspawn-patch-torch")
+    result.assert_outcomes(passed=1)
+    assert torch_mp.spawn is original  # restored when the session ended
+
+
+UNUSED = """
+import os, sys
+
+def test_nothing_loaded():
+    assert "fastspawn.pytest_plugin" in sys.modules
+    for name in ("fastspawn._api", "fastspawn._core", "fastspawn._pytest_rank", "torch"):
+        assert name not in sys.modules, name
+    assert "FASTSPAWN_PYTEST_SESSION" not in os.environ
+"""
+
+
+def test_unused_plugin_loads_nothing(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FASTSPAWN_PYTEST_SESSION", raising=False)
+    pytester.makepyfile(test_unused=UNUSED)
+    pytester.makeini(INNER_INI)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, fastspawn.pytest_plugin; print(sorted(m for m in sys.modules if m.startswith(('fastspawn', 'torch'))))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip() == "['fastspawn', 'fastspawn.pytest_plugin']"
+
+
+def test_marker_is_registered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn'): *"])
