@@ -5,18 +5,19 @@ the outcome, the report, and what the ranks recorded."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
-import psutil
 import pytest
+from _plugin_recorder import recorded, still_running
 
 pytest_plugins = ["pytester"]
+
+# The inner suites import it as "recorder": ranks record facts as JSON files.
+RECORDER = (Path(__file__).parent / "_plugin_recorder.py").read_text()
 
 # The inner sessions run as strictly as this project's own.
 INNER_INI = """
@@ -25,44 +26,6 @@ filterwarnings =
     error
     ignore:Module already imported so cannot be rewritten. _editable_skbc_:pytest.PytestAssertRewriteWarning
 """
-
-# Imported by the inner tests: ranks record facts as JSON files; the last inner test of a
-# file checks that no process a test started outlived it.
-RECORDER = '''
-import glob, json, os
-import psutil
-
-def record(name, **data):
-    path = os.path.join(os.environ["RECORD_DIR"], name + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
-
-def recorded():
-    out = {}
-    for path in glob.glob(os.path.join(os.environ["RECORD_DIR"], "*.json")):
-        with open(path) as f:
-            out[os.path.basename(path)[:-5]] = json.load(f)
-    return out
-
-def still_running(pids):
-    """Those of pids that still exist (not counting zombies), after up to 10 s."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-
-def recorded_pids():
-    pids = []
-    for data in recorded().values():
-        pids += [data["pid"]] if "pid" in data else []
-        pids += data.get("pids", [])
-    return pids
-'''
 
 NOTHING_LEFT = '''
 
@@ -85,13 +48,6 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: 
     return pytester
 
 
-def records() -> Dict[str, Any]:
-    out = {}
-    for path in Path(os.environ["RECORD_DIR"]).glob("*.json"):
-        out[path.stem] = json.loads(path.read_text())
-    return out
-
-
 def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
     return suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
 
@@ -99,17 +55,6 @@ def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
 def line(path: Path, text: str) -> int:
     """The number of the first line of the file containing ``text``."""
     return next(i for i, content in enumerate(path.read_text().splitlines(), 1) if text in content)
-
-
-def gone(pids: List[int]) -> bool:
-    alive = []
-    for pid in pids:
-        try:
-            alive.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
 
 
 # ------------------------------------------------------------------------- passing
@@ -160,7 +105,7 @@ def test_ranks_get_env_fixtures_and_parameters(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_passing=PASSING)
     result = run(suite)
     result.assert_outcomes(passed=5)
-    seen = records()
+    seen = recorded()
     env = [seen[f"env-{r}"] for r in range(3)]
     port = env[0]["env"]["MASTER_PORT"]
     for r, data in enumerate(env):
@@ -338,8 +283,8 @@ def test_timeout_reports_every_rank_stack_and_kills_everything(suite: pytest.Pyt
     )
     # The stack is the test's: the rank's bootstrap frames below it are cut.
     assert "_child.py" not in result.stdout.str()
-    seen = records()
-    assert gone([data["pid"] for data in seen.values()])  # the grandchild too
+    seen = recorded()
+    assert still_running([data["pid"] for data in seen.values()]) == []  # the grandchild too
 
 
 # -------------------------------------------------------------------------- errors
@@ -476,14 +421,14 @@ def test_xdist_workers_have_their_own_zygote_and_ports(suite: pytest.Pytester) -
     suite.makepyfile(test_xdist=XDIST)
     result = run(suite, "-n", "2")
     result.assert_outcomes(passed=6)
-    seen = list(records().values())
+    seen = list(recorded().values())
     assert len({data["port"] for data in seen}) == 6  # one port per test, none shared
     workers = {data["worker_pid"] for data in seen}
     assert len(workers) == 2
     assert all(data["ppid"] == data["worker_pid"] for data in seen)
     zygotes = {(data["worker_pid"], data["imported_in"]) for data in seen}
     assert len(zygotes) == 2 and not workers & {z for _, z in zygotes}
-    assert gone([data["pid"] for data in seen])
+    assert still_running([data["pid"] for data in seen]) == []
 
 
 # --------------------------------------------------------------------------- torch
