@@ -98,13 +98,22 @@ class TestClass:
     @pytest.mark.spawn(nprocs=2)
     def test_method(self, rank):
         record(f"method-{rank}", pid=os.getpid(), imported_in=IMPORTED_IN)
+
+@pytest.mark.spawn(nprocs=2, start_method="fork")
+def test_fork(rank, payload, pytest_pid):
+    record(f"fork-{rank}", pid=os.getpid(), ppid=os.getppid(), pytest_pid=pytest_pid,
+           payload=payload.value, module_from=IMPORTED_IN)
+
+@pytest.mark.spawn(nprocs=2, start_method="forkserver")
+def test_forkserver(rank, payload):
+    record(f"forkserver-{rank}", pid=os.getpid(), payload=payload.value, module_from=IMPORTED_IN)
 """ + NOTHING_LEFT
 
 
 def test_ranks_get_env_fixtures_and_parameters(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_passing=PASSING)
     result = run(suite)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)
     seen = recorded()
     env = [seen[f"env-{r}"] for r in range(3)]
     port = env[0]["env"]["MASTER_PORT"]
@@ -125,9 +134,14 @@ def test_ranks_get_env_fixtures_and_parameters(suite: pytest.Pytester) -> None:
     assert len(ports) == 3 and seen["param-a-0"]["port"] == seen["param-a-1"]["port"]
     assert seen["param-a-0"]["init_method"] != seen["param-b-0"]["init_method"] != env[0]["init_method"]
     assert seen["method-0"] and seen["method-1"]
+    # fork: forks of pytest itself; forkserver: forks of the zygote, as spawn.
+    assert [seen[f"fork-{r}"]["module_from"] for r in range(2)] == [env[0]["pytest_pid"]] * 2
+    assert all(seen[f"fork-{r}"]["ppid"] == env[0]["pytest_pid"] for r in range(2))
+    assert [seen[f"forkserver-{r}"]["module_from"] for r in range(2)] == [env[0]["imported_in"]] * 2
+    assert [seen[f"{m}-{r}"]["payload"] for m in ("fork", "forkserver") for r in range(2)] == [41] * 4
     # The test module was imported once, by the zygote (neither pytest nor a rank), and
     # every test's ranks were forked from it.
-    ranks = [data for name, data in seen.items() if name != "grandchild"]
+    ranks = [data for data in seen.values() if "imported_in" in data]
     imported_in = {data["imported_in"] for data in ranks}
     assert len(imported_in) == 1
     assert imported_in.isdisjoint({env[0]["pytest_pid"]} | {data["pid"] for data in ranks})
@@ -148,8 +162,17 @@ def test_two_ranks_fail(rank):
 """
 
 
-@pytest.mark.parametrize("import_mode", ["prepend", "importlib"])
-def test_failing_ranks_are_reported_with_assertion_explanations(suite: pytest.Pytester, import_mode: str) -> None:
+@pytest.mark.parametrize(
+    "import_mode, zygote",
+    [("prepend", "1"), ("importlib", "1"), ("prepend", "0")],
+    ids=["prepend", "importlib", "fresh-interpreters"],
+)
+def test_failing_ranks_are_reported_with_assertion_explanations(
+    suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, import_mode: str, zygote: str
+) -> None:
+    # Ranks forked from the zygote (which imported the test module rewritten), or fresh
+    # interpreters that import it themselves.
+    monkeypatch.setenv("FASTSPAWN_ZYGOTE", zygote)
     suite.makepyfile(test_failing=FAILING)
     result = run(suite, f"--import-mode={import_mode}")
     result.assert_outcomes(failed=2)
@@ -308,6 +331,15 @@ def test_rank_exits(rank):
         print("rank 1 leaving", file=sys.stderr, flush=True)
         os._exit(3)
 
+def wait_for_rank_one():
+    threading.Event().wait()
+
+@pytest.mark.spawn(nprocs=2)
+def test_peer_waits_for_failed_rank(rank):
+    record(f"peer-{rank}", pid=os.getpid())
+    assert rank == 0, "rank 1 gives up"
+    wait_for_rank_one()
+
 @pytest.mark.spawn(nprocs=0)
 def test_bad_marker():
     pass
@@ -328,7 +360,17 @@ def test_fixture_depending_on_rank(device):
 def test_errors_name_their_cause(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_errors=ERRORS)
     result = run(suite)
-    result.assert_outcomes(failed=3, errors=2, passed=1)
+    result.assert_outcomes(failed=4, errors=2, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_peer_waits_for_failed_rank _*",
+            "rank 1: AssertionError: rank 1 gives up",
+            "*- rank 0 of 2 (pid *) was stopped; its stack 5 s after another rank ended -*",
+            "*in wait_for_rank_one",
+            "*- rank 1 of 2 (pid *) failed -*",
+            "E       AssertionError: rank 1 gives up",
+        ]
+    )
     result.stdout.fnmatch_lines_random(
         [
             "fixture 'lock' cannot be pickled to the spawned processes (fixtures are evaluated "

@@ -95,16 +95,19 @@ def _finder() -> RewriteFinder:
 
 
 def _install_from_session() -> None:
-    """In the zygote (or a fresh interpreter): rewrite what the session file lists."""
+    """In the zygote (or a fresh interpreter): rewrite what the session file lists.
+    Not in the pytest process that wrote it, where pytest's own hook does that."""
     path = os.environ.get(SESSION_ENV)
     if not path:
         return
     try:
         with open(path) as f:
-            modules = json.load(f)["rewrite"]
-    except (OSError, ValueError, KeyError):
+            session = json.load(f)
+        owner, modules = session["owner"], session["rewrite"]
+    except (OSError, ValueError, KeyError, TypeError):
         return
-    _finder().update(modules)
+    if owner != os.getpid():
+        _finder().update(modules)
 
 
 _install_from_session()

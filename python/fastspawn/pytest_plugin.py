@@ -88,7 +88,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     if any(_uses_ranks(item) for item in session.items):
-        session.config.stash[_SESSION].activate()
+        _session(session.config).activate()
 
 
 def _uses_ranks(item: pytest.Item) -> bool:
@@ -106,6 +106,7 @@ class _Session:
         self._saved_preload: Optional[List[str]] = None
         self._rewrite: Dict[str, str] = {}
         self._rewrite_seen = -1
+        self._report_options: Optional[Dict[str, Any]] = None
 
     def directory(self) -> str:
         """This session's temporary directory (init_method files, rank results)."""
@@ -125,7 +126,7 @@ class _Session:
 
         path = os.path.join(self.directory(), "session.json")
         with open(path, "w") as f:
-            json.dump({"rewrite": self.rewrite_map()}, f)
+            json.dump({"owner": os.getpid(), "rewrite": self.rewrite_map()}, f)
         self._saved_env = os.environ.get(_SESSION_ENV)
         os.environ[_SESSION_ENV] = path
         self._saved_preload = list(_api._zygotes.preload)
@@ -133,6 +134,12 @@ class _Session:
         if rank_module not in self._saved_preload:
             fastspawn.preload([rank_module, *self._saved_preload])
         self.active = True
+
+    def report_options(self, config: pytest.Config) -> Dict[str, Any]:
+        """How ranks format failures (see _report_options), computed once."""
+        if self._report_options is None:
+            self._report_options = _report_options(config)
+        return self._report_options
 
     def rewrite_map(self) -> Dict[str, str]:
         """Modules pytest imported with assertion rewriting: name -> file."""
@@ -144,7 +151,10 @@ class _Session:
                 return self._rewrite
             for name, module in list(sys.modules.items()):
                 path = getattr(module, "__file__", None)
-                if path and isinstance(getattr(module, "__loader__", None), AssertionRewritingHook):
+                # fastspawn itself is left out: pytest rewrites a pytest11 plugin's whole
+                # package, but ranks need only the tests' modules rewritten.
+                rewritten = isinstance(getattr(module, "__loader__", None), AssertionRewritingHook)
+                if path and rewritten and name.partition(".")[0] != "fastspawn":
                     self._rewrite[name] = path
         return self._rewrite
 
@@ -350,7 +360,7 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
             master_port=port.getsockname()[1],
             outdir=outdir,
             warning_filters=_warning_filters(),
-            report=_report_options(item.config),
+            report=state.report_options(item.config),
         )
         main = ranks.RankMain(item.module.__name__, state.rewrite_map())  # type: ignore[union-attr]
         context = _start(item, main, job, options)
@@ -409,7 +419,7 @@ def _report_options(config: pytest.Config) -> Dict[str, Any]:
     tbstyle = config.getoption("tbstyle", "auto")
     verbosities: Dict[Optional[str], int] = {None: _verbosity(config, None)}
     for name in dir(pytest.Config):
-        if name.startswith("VERBOSITY_") and name != "VERBOSITY_INI_DEFAULT":
+        if name.startswith("VERBOSITY_"):
             kind = getattr(pytest.Config, name)
             if isinstance(kind, str):
                 verbosities[kind] = _verbosity(config, kind)
