@@ -49,7 +49,7 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def run(suite: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+    return suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--strict-markers", *args, timeout=120)
 
 
 def line(path: Path, text: str) -> int:
