@@ -45,18 +45,18 @@ void install_handler() noexcept {
 }
 
 // Async-signal-safe: own process group and parent-death signal; false if owner gone.
-bool guard_child(pid_t owner, int death_signal = kParentDeathSignal) noexcept {
-    ::setpgid(0, 0);
+bool guard_child(pid_t owner, int death_signal = kParentDeathSignal, bool own_group = true) noexcept {
+    if (own_group) ::setpgid(0, 0);
     ::prctl(PR_SET_PDEATHSIG, death_signal);
     return ::getppid() == owner;
 }
 
 // In a new fork (its own memory): the handler, the process group, the parent-death
 // signal. A child whose owner is already gone ends here.
-void arm_forked_child(pid_t owner) noexcept {
+void arm_forked_child(pid_t owner, bool own_group = true) noexcept {
     g_owner = owner;
     install_handler();
-    if (!guard_child(owner)) ::kill(::getpid(), SIGKILL);
+    if (!guard_child(owner, kParentDeathSignal, own_group)) ::kill(::getpid(), SIGKILL);
 }
 
 int sys_close_range(unsigned first, unsigned last) noexcept {
@@ -245,7 +245,7 @@ pid_t zygote_fork(pid_t owner) {
 #endif
     if (pid < 0) throw_errno("clone(CLONE_PARENT)");
     if (pid == 0) {
-        arm_forked_child(owner);
+        arm_forked_child(owner, false);  // the group: see launch.hpp
         return 0;
     }
     return static_cast<pid_t>(pid);

@@ -47,6 +47,10 @@ pid_t fork_child(pid_t owner);
 // parent (the caller), exactly like one the caller forked itself. Returns 0 in the new
 // process, whose guard against `owner` (the caller) is armed. Throws on failure (for
 // example EPERM where a seccomp policy refuses the flag).
+// The new process stays in the zygote's process group: it may fork siblings in turn
+// (nobody but the caller could move those into groups of their own), and each must
+// call setpgid(0, 0) once it has forked what it forks. A process that led its own group
+// while forking could otherwise signal its group and hit a sibling not yet moved out.
 pid_t zygote_fork(pid_t owner);
 
 // For a process that was exec'd by exec_child: installs the handler behind the

@@ -193,3 +193,9 @@ def marker_after_gate(i, ready, gate, directory):
     ready.put((i, os.getpid()))
     wait_gate(gate)
     _write_atomic(os.path.join(directory, f"{i}.done"), "done")
+
+
+def signal_own_group(i):
+    """SIGTERM to the whole process group this child leads (itself immune)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(os.getpgrp(), signal.SIGTERM)

@@ -891,6 +891,14 @@ def test_each_child_leads_its_own_process_group(method):
     assert os.getpgid(0) not in pids
 
 
+@methods
+def test_a_child_signalling_its_own_group_at_once_hits_no_sibling(method):
+    # Zygote children fork their siblings (a tree): none may still sit in the group of
+    # the one that forked it when that one starts running user code.
+    for _ in range(5):
+        fastspawn.start_processes(w.signal_own_group, nprocs=8, start_method=method)
+
+
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_failure_shutdown_kills_grandchild_of_the_failed_child(cleanup, method):
     reports = multiprocessing.get_context(method).Queue()

@@ -247,6 +247,10 @@ def _split(n: int, owner: int) -> int:
             # Ranks mid..hi-1 never announce themselves: the caller reports them.
             log.debug("fastspawn zygote child: fork failed", exc_info=True)
         hi = mid
+    # Only now: the siblings forked above start in this process's group (see
+    # zygote_fork) and move to groups of their own; had this one led a group already,
+    # signalling its group early could hit them.
+    os.setpgid(0, 0)
     return lo
 
 
