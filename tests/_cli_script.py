@@ -4,6 +4,8 @@
     _cli_script.py fail RANK... [stubborn]   these ranks raise ValueError; the others
                                       block (ignoring SIGTERM if stubborn)
     _cli_script.py kill RANK          that rank SIGKILLs itself; the others block
+    _cli_script.py own-error-file     rank 1 writes its error file itself, then raises
+    _cli_script.py interrupt          rank 1 raises KeyboardInterrupt; the others block
     _cli_script.py flaky              rank 1 exits 3 in attempt 0; then like ``env``
     _cli_script.py hang DIR           write DIR/<rank>.pid, block (rank 0 ignores SIGTERM)
     _cli_script.py spam LINES WIDTH   print LINES long lines to stdout and stderr, fast
@@ -68,6 +70,16 @@ def main() -> None:
     elif command == "kill":
         if str(RANK) == args[0]:
             os.kill(os.getpid(), signal.SIGKILL)
+        block()
+    elif command == "own-error-file":  # as a script's own @record would: kept as it is
+        if RANK == 1:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as out:
+                json.dump({"message": "recorded by the script itself", "timestamp": 1}, out)
+            fail_here()
+        block()
+    elif command == "interrupt":
+        if RANK == 1:
+            raise KeyboardInterrupt
         block()
     elif command == "flaky":
         if RANK == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":

@@ -118,6 +118,19 @@ def test_rank_killed_by_signal():
     assert "rank      : 1 (local_rank: 1)" in proc.stderr
 
 
+def test_error_file_written_by_the_script_is_kept():
+    proc = run_cli("-n", 2, SCRIPT, "own-error-file")
+    assert proc.returncode == 1
+    assert "traceback : recorded by the script itself" in proc.stderr
+    assert "[1]:ValueError: rank 1 failed on purpose" in proc.stderr  # still printed
+
+
+def test_uncaught_keyboard_interrupt_ends_the_rank_by_sigint():
+    proc = run_cli("-n", 2, SCRIPT, "interrupt")
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "[1]:KeyboardInterrupt" in proc.stderr and "(SIGINT)" in proc.stderr
+
+
 def test_ctrl_c_stops_every_rank_and_exits_130(tmp_path):
     proc = subprocess.Popen([*FASTSPAWN, "-n", "3", "--shutdown-timeout", "1", SCRIPT, "hang", str(tmp_path)],
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -165,6 +178,22 @@ def test_two_nodes_static_gloo_all_reduce():
     assert sorted(got) == [0, 1, 2, 3]
     assert all(info["world"] == 4 and info["sum"] == 6.0 for info in got.values())
     assert {info["agent_store"] for info in got.values()} == {"True"}  # node 0 served the store
+
+
+def test_store_helper_failure_falls_back_to_rank_0(tmp_path):
+    # A "torch" whose distributed module has no TCPStore: the helper fails to serve the
+    # store; the ranks (already started, told to use it) are started again without it.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    (tmp_path / "torch" / "distributed.py").write_text("")
+    script = tmp_path / "train.py"
+    script.write_text("import os\nimport torch.distributed\n"
+                      "print(os.environ['TORCHELASTIC_USE_AGENT_STORE'], os.environ['RANK'])\n")
+    proc = run_cli("-n", 2, script)
+    assert proc.returncode == 0, proc.stderr
+    assert ("fastspawn: could not serve the rendezvous store (AttributeError: "
+            "module 'torch.distributed' has no attribute 'TCPStore')") in proc.stderr
+    assert sorted(line for line in proc.stdout.splitlines() if "False" in line) == ["[0]:False 0", "[1]:False 1"]
 
 
 def test_slurm_variables_place_the_ranks():

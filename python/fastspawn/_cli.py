@@ -672,55 +672,68 @@ def serve_agent_store(_index: int, listener: socket.socket, ready: object, host:
 
 
 class AgentStore:
-    """The rendezvous store of node 0, served by a helper process started before the
-    ranks: every rank connects as a client (``TORCHELASTIC_USE_AGENT_STORE=True``), as
-    under torchrun. The port listens from before any rank starts, so no rank's first
-    connection is refused (which costs a rank a back-off of up to a second when it is
-    faster than rank 0 at starting the store)."""
+    """The rendezvous store of node 0, served by a helper process: every rank connects as
+    a client (``TORCHELASTIC_USE_AGENT_STORE=True``), as under torchrun.
+
+    This launcher listens on the port before any rank starts, so no rank's first
+    connection is refused (a refused rank backs off for up to a second: what happens when
+    rank 0 starts the store and another rank is quicker). The helper is forked after the
+    ranks, off their critical path, and takes the listening socket over; connections
+    made meanwhile wait in the socket's backlog.
+    """
 
     READY_TIMEOUT = 60.0
 
-    def __init__(self, context: object, port: int) -> None:
-        self.context = context
-        self.port = port
+    def __init__(self, layout: NodeLayout, fixed_port: bool) -> None:
+        """Listen (OSError if the port cannot be listened on)."""
+        local = layout.nnodes == 1 and layout.master_addr in ("127.0.0.1", "localhost")
+        self.listener: Optional[socket.socket] = _listen("127.0.0.1" if local else "",
+                                                         layout.master_port if fixed_port else 0)
+        self.port = int(self.listener.getsockname()[1])
+        self.host = layout.master_addr
+        self.context: object = None
 
-    @classmethod
-    def start(cls, layout: NodeLayout, fixed_port: bool, start_method: str) -> "Optional[AgentStore]":
-        """Listen and start the helper; None (after a warning) if the helper fails, so
-        that rank 0 serves the store instead. OSError if the port cannot be listened on."""
+    def serve(self, start_method: str) -> bool:
+        """Start the helper on the listening socket and wait until it serves; False (after
+        a warning) if it failed, and then nobody listens on the port any more."""
         import logging
         from multiprocessing import Pipe, connection
 
         from ._api import launch
 
-        local = layout.nnodes == 1 and layout.master_addr in ("127.0.0.1", "localhost")
-        listener = _listen("127.0.0.1" if local else "", layout.master_port if fixed_port else 0)
-        port = int(listener.getsockname()[1])
+        assert self.listener is not None
         reader, writer = Pipe(duplex=False)
         try:
-            context = launch(serve_agent_store, (listener, writer, layout.master_addr, port), 1,
-                             start_method=start_method, daemon=True)
+            self.context = context = launch(serve_agent_store, (self.listener, writer, self.host, self.port),
+                                            1, start_method=start_method, daemon=True)
         finally:
-            listener.close()  # the helper holds it now: should it die, the port closes
+            self._close_listener()  # the helper holds it now: should it die, the port closes
             writer.close()
         try:
-            ready = connection.wait([reader, context.processes[0].sentinel], cls.READY_TIMEOUT)
+            ready = connection.wait([reader, context.processes[0].sentinel], self.READY_TIMEOUT)
             if reader in ready and reader.recv_bytes() == b"ready":
-                return cls(context, port)
+                return True
         except EOFError:
             pass
         finally:
             reader.close()
-        context._run.stop(0.0)  # noqa: SLF001
+        self.stop()
         error = context.error_traceback(0)
         reason = error.strip().splitlines()[-1] if error else f"exit code {context.processes[0].exitcode}"
         logging.getLogger("fastspawn.cli").warning(
-            "could not serve the rendezvous store (%s); rank 0 serves it instead", reason)
-        return None
+            "could not serve the rendezvous store (%s); starting the ranks again, rank 0 serving it", reason)
+        return False
+
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
     def stop(self) -> None:
-        """End the helper (SIGTERM, then SIGKILL) and reap it."""
-        self.context._run.stop(5.0)  # type: ignore[attr-defined]  # noqa: SLF001
+        """Stop listening; end the helper (SIGTERM, then SIGKILL) and reap it."""
+        self._close_listener()
+        if self.context is not None:
+            self.context._run.stop(5.0)  # type: ignore[attr-defined]  # noqa: SLF001
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -787,28 +800,33 @@ def run(plan: Plan) -> int:
     prefixes = _line_prefixes(layout, os.environ)
     agent_store = _uses_torch(modules)
     fixed_port = options.master_port is not None or layout.nnodes > 1
-    context = store = None
+    context: Optional[object] = None
+    store: Optional[AgentStore] = None
+    attempt = 0
     try:
-        for attempt in range(options.max_restarts + 1):
+        while True:
             layout = layout._replace(agent_store=agent_store)
             if agent_store and layout.node_rank == 0:
                 try:
-                    store = AgentStore.start(layout, fixed_port, options.start_method)
+                    store = AgentStore(layout, fixed_port)
                 except OSError as exc:
                     _say(f"error: cannot serve the rendezvous store on port {layout.master_port}: {exc}")
                     return 1
-                if store is None:
-                    layout = layout._replace(agent_store=False)
-                else:
-                    layout = layout._replace(master_port=store.port)
+                layout = layout._replace(master_port=store.port)
             elif attempt and not fixed_port:
                 layout = layout._replace(master_port=free_port())
             envs = dict(enumerate(rank_envs(layout, attempt, options.max_restarts, os.environ)))
             context = start_processes(ROLE, entrypoint, rank_args, envs, logs_specs,  # type: ignore[arg-type]
                                       log_line_prefixes=prefixes, start_method=options.start_method)
             # The stop after a rank's failure (wait() calls close()) gets our grace too.
-            context.close = functools.partial(context.close, timeout=options.shutdown_timeout)  # type: ignore[method-assign]
-            result = context.wait()
+            context.close = functools.partial(context.close, timeout=options.shutdown_timeout)  # type: ignore[attr-defined]
+            if store is not None and not store.serve(options.start_method):
+                # These ranks were told to use the store: the same attempt again, without it.
+                _stop(context, options.shutdown_timeout, SignalException)
+                context = store = None
+                agent_store = False
+                continue
+            result = context.wait()  # type: ignore[attr-defined]
             assert result is not None
             context = None
             if store is not None:
@@ -818,7 +836,8 @@ def run(plan: Plan) -> int:
                 return 0
             failures = {layout.global_rank(local): f for local, f in result.failures.items()}
             if attempt < options.max_restarts:
-                left = options.max_restarts - attempt
+                attempt += 1
+                left = options.max_restarts - attempt + 1
                 _say(f"rank(s) {', '.join(map(str, failures))} failed; restarting all {nproc} "
                      f"ranks ({left} restart(s) left)")
                 continue
@@ -833,7 +852,6 @@ def run(plan: Plan) -> int:
     finally:
         if store is not None:
             store.stop()
-    raise AssertionError("unreachable")
 
 
 def _stop(context: object, grace: float, interrupted: type) -> None:
