@@ -80,6 +80,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -101,6 +102,11 @@ def log(test, **facts):
 
 def hang_here():
     threading.Event().wait()
+
+
+def crash_here():
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+    os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def wait_for(path, deadline=60.0):
@@ -131,6 +137,12 @@ class Ranks(MultiProcessTestCase):
         log("exit3", rank=self.rank)
         if self.rank == 1:
             sys.exit(3)
+        hang_here()
+
+    def test_rank1_crashes(self):
+        log("crash", rank=self.rank)
+        if self.rank == 1:
+            crash_here()
         hang_here()
 
     def test_rank1_skip_code(self):
@@ -291,6 +303,14 @@ def test_every_rank_exit_code_counts_and_a_crash_stops_the_others(behaviours):
     assert result == "failed"
     assert "Expected exit code 0 but got 3 for pid:" in text and "(process 1)" in text
     assert all(pid_gone(r["pid"]) for r in ranks_of(behaviours, "exit3"))
+
+
+def test_a_rank_killed_by_a_signal_shows_its_stack(behaviours):
+    result, text = outcome(behaviours, "test_rank1_crashes")
+    assert result == "failed"
+    assert "Expected exit code 0 but got -11 for pid:" in text and "(process 1)" in text
+    assert "-- Process 1 was killed by signal 11, in:" in text and "in crash_here" in text
+    assert all(pid_gone(r["pid"]) for r in ranks_of(behaviours, "crash"))
 
 
 def test_a_skip_code_in_any_rank_skips(behaviours):

@@ -164,13 +164,15 @@ def _start_method_of(proc: Union[str, type]) -> str:
 _stack_channel: Optional[Any] = None  # keeps the rank's stack pipe open for faulthandler
 
 
-def _dump_stacks_on_sigterm(channel: Any) -> None:
-    """SIGTERM first writes every thread's Python stack to ``channel``, then ends the
-    process as SIGTERM does (or runs the handler the test installs over it). The write
-    end does not block: a full pipe truncates the dump instead of hanging the rank."""
+def _dump_stacks_on_signals(channel: Any) -> None:
+    """SIGTERM and fatal signals (SIGSEGV, SIGABRT, ...) first write every thread's Python
+    stack to ``channel``, then end the process as they would have (SIGTERM runs the
+    handler the test installs over it, if any). The write end does not block: a full pipe
+    truncates the dump instead of hanging the rank."""
     global _stack_channel
     _stack_channel = channel
     os.set_blocking(channel.fileno(), False)
+    faulthandler.enable(file=channel.fileno(), all_threads=True)
     faulthandler.register(signal.SIGTERM, file=channel.fileno(), all_threads=True, chain=True)
 
 
@@ -230,7 +232,7 @@ class _RankEntry:
             if other != rank:
                 error_pipe.close()
                 stack_pipe.close()
-        _dump_stacks_on_sigterm(stack_pipes[rank])
+        _dump_stacks_on_signals(stack_pipes[rank])
         self.test_class._run(rank, test_name, file_name, error_pipes[rank], **kwargs)
 
 
@@ -495,12 +497,19 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         logger.error("Timing out after %s seconds and killing subprocesses.", timeout)
         self._stop_processes(self.processes)
         for rank in self._timed_out:
-            stacks = _read_available(self._stack_pipes[rank].fileno()).decode(errors="replace")
-            self._stacks[rank] = stacks
+            stacks = self._stacks_of(rank)
             if stacks:
                 logger.error("Process %s timed out with traceback: \n\n%s", rank, stacks)
             else:
                 logger.error("Could not retrieve traceback for timed out process: %s", rank)
+
+    def _stacks_of(self, rank: int) -> str:
+        """The stacks a rank wrote at SIGTERM or a fatal signal (complete once it exited)."""
+        pipe = self._stack_pipes[rank]
+        if not pipe.closed:
+            text = _read_available(pipe.fileno()).decode(errors="replace")
+            self._stacks[rank] = self._stacks.get(rank, "") + text
+        return self._stacks.get(rank, "")
 
     def _stop_processes(self, processes: Sequence[Any], grace: Optional[float] = None) -> None:
         """SIGTERM the ranks still running, SIGKILL those alive ``grace`` seconds later."""
@@ -552,12 +561,11 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         for i in order:
             process = self.processes[i]
             if process.exitcode != expected and process.exitcode not in skips:
-                self.assertEqual(
-                    process.exitcode,
-                    expected,
-                    msg=f"Expected exit code {expected} but got {process.exitcode} for pid: "
-                    f"{process.pid} (process {i})",
-                )
+                msg = f"Expected exit code {expected} but got {process.exitcode} for pid: {process.pid} (process {i})"
+                stacks = self._stacks_of(i) if process.exitcode is not None and process.exitcode < 0 else ""
+                if stacks:
+                    msg += f"\n\n-- Process {i} was killed by signal {-process.exitcode}, in:\n{stacks}"
+                self.assertEqual(process.exitcode, expected, msg=msg)
         for i, process in enumerate(self.processes):
             skip = skips.get(process.exitcode)
             if skip is not None and process.exitcode != expected:
