@@ -29,7 +29,8 @@ The differences:
   costs ``world_size`` forks instead of ``world_size`` interpreters importing torch.
 - Every rank's exit code is checked (torch checks rank 0's): a rank that crashed or exited
   with an unexpected code fails the test, and stops the other ranks at once instead of
-  letting them wait for it until the timeout.
+  letting them wait for it until the timeout; a rank killed by a fatal signal shows its
+  Python stack.
 - At the timeout the ranks still running get SIGTERM, which first writes the Python stack of
   all their threads into the failure message; a rank still alive ``kill_grace_period``
   seconds later gets SIGKILL (torch sends SIGTERM only and never waits).
