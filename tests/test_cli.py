@@ -301,7 +301,7 @@ def test_line_prefix_template():
 
 
 def test_output_lines_never_mixed_across_ranks():
-    nproc, lines, width = 6, 150, 5000
+    nproc, lines, width = 8, 250, 5000
     proc = run_cli("-n", nproc, SCRIPT, "spam", lines, width)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for text, tag in ((proc.stdout, "out"), (proc.stderr, "err")):
