@@ -158,8 +158,12 @@ def test_ctrl_c_stops_every_rank_and_exits_130(tmp_path):
 def test_two_nodes_static_gloo_all_reduce():
     port = free_port()
     common = ["-n", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    procs = [subprocess.Popen([*FASTSPAWN, *common, "--node-rank", str(node), GLOO], env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Node 0's launcher also checks that it never imported torch itself (the ranks, the
+    # zygote and the store helper did).
+    light = [sys.executable, "-c", "import sys; from fastspawn._cli import main; rc = main(sys.argv[1:]); "
+             "assert 'torch' not in sys.modules, 'the launcher imported torch'; sys.exit(rc)"]
+    procs = [subprocess.Popen([*(light if node == 0 else FASTSPAWN), *common, "--node-rank", str(node), GLOO],
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (1, 0)]
     try:
         outputs = [p.communicate(timeout=100) for p in procs]
