@@ -24,8 +24,8 @@ from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Set, TextIO, Union
 
 from .. import _api
+from .._elastic_child import RankCall
 from . import _output
-from ._entry import RankCall
 from .errors import ProcessFailure
 
 __all__ = [
@@ -587,13 +587,16 @@ class MultiprocessContext(PContext):
         return {rank: pc.return_value(rank) for rank in range(self.nprocs)}
 
     def _log_failure(self, failure: ProcessFailure) -> None:
+        assert self._pc is not None
+        trace = self._pc.error_traceback(failure.local_rank)
         logger.error(
-            "failed (exitcode: %s) local_rank: %s (pid: %s) of fn: %s (start_method: %s)",
+            "failed (exitcode: %s) local_rank: %s (pid: %s) of fn: %s (start_method: %s)%s",
             failure.exitcode,
             failure.local_rank,
             failure.pid,
             getattr(self.entrypoint, "__qualname__", repr(self.entrypoint)),
             self.start_method,
+            f"\n{trace}" if trace else "",
         )
 
     def pids(self) -> Dict[int, int]:

@@ -1,12 +1,5 @@
 """The error handler used by :func:`fastspawn.elastic.errors.record` by default."""
 
-from __future__ import annotations
-
-from .error_handler import ErrorHandler
+from ..._elastic_child import get_error_handler
 
 __all__ = ["get_error_handler"]
-
-
-def get_error_handler() -> ErrorHandler:
-    """A new default :class:`ErrorHandler`."""
-    return ErrorHandler()
