@@ -679,3 +679,19 @@ def test_run_raises_like_spawn():
     with pytest.raises(fastspawn.ProcessExitedException, match="terminated with exit code 4") as exited:
         fastspawn.run(w.exit_rank, 1, (4,), start_method="fork")
     assert exited.value.exit_code == 4
+
+
+def test_output_reader_leaves_signals_to_the_main_thread():
+    """A SIGTERM/SIGINT sent to the launcher must interrupt its wait in the main thread: the
+    thread that reads teed output blocks them (the kernel picks a thread that does not)."""
+    ctx = _start(w.wait_forever, {0: ()}, tee=fe.Std.ALL)
+    try:
+        thread = ctx._streams._thread
+        with open(f"/proc/self/task/{thread.native_id}/status") as src:
+            blocked = int(next(line for line in src if line.startswith("SigBlk:")).split()[1], 16)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            assert blocked & (1 << (sig - 1)), sig
+        assert not blocked & (1 << (signal.SIGSEGV - 1))
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours unchanged
+    finally:
+        ctx.close()

@@ -94,11 +94,6 @@ def start_processes(
     starting raised (e.g. FileNotFoundError for a missing program) after closing the
     context. ``numa_options`` must be None (fastspawn does not bind ranks to NUMA nodes).
     """
-    if numa_options is not None:
-        raise ValueError(
-            "fastspawn.elastic.start_processes does not support numa_options (NUMA binding); "
-            "pass numa_options=None"
-        )
     nprocs = len(args)
     _validate_full_rank(args, nprocs, "args")
     _validate_full_rank(envs, nprocs, "envs")
@@ -111,6 +106,7 @@ def start_processes(
         log_line_prefixes=log_line_prefixes,
         duplicate_stdout_filters=duplicate_stdout_filters,
         duplicate_stderr_filters=duplicate_stderr_filters,
+        numa_options=numa_options,
     )
     context: PContext
     if isinstance(entrypoint, str):

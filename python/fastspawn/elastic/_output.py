@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import selectors
+import signal
 import threading
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -29,6 +30,9 @@ _CHUNK = 1 << 16
 _DRAIN_READS = 1024
 # How long close() waits for the reader to write out what it drained.
 _STOP_TIMEOUT = 30.0
+# Signals the reader thread leaves to the others: a signal sent to the launcher (Ctrl-C,
+# SIGTERM) must reach the main thread, whose wait it interrupts. Faults stay deliverable.
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS}
 
 StdioPair = Tuple[Optional[int], Optional[int]]
 
@@ -156,7 +160,11 @@ class RankStreams:
         if self._tees and self._thread is None:
             self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._thread = threading.Thread(target=self._read_all, name=f"fastspawn-elastic-{self.name}", daemon=True)
-            self._thread.start()
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
+            try:
+                self._thread.start()  # with those signals blocked from its first instruction
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _close_child_fds(self) -> None:
         fds, self._child_fds = self._child_fds, []

@@ -341,7 +341,11 @@ class PContext(abc.ABC):
         log_line_prefixes: Optional[Dict[int, str]] = None,
         duplicate_stdout_filters: Optional[List[str]] = None,
         duplicate_stderr_filters: Optional[List[str]] = None,
+        *,
+        numa_options: None = None,
     ) -> None:
+        if numa_options is not None:
+            raise ValueError("fastspawn.elastic does not support numa_options (NUMA binding); pass numa_options=None")
         self.name = name
         nprocs = len(args)
         logs_dest = logs_specs.reify(envs)
@@ -549,7 +553,28 @@ class PContext(abc.ABC):
                 )
 
 
-class MultiprocessContext(PContext):
+class _Ranks(PContext):
+    """The constructor shared by the two contexts (torch's argument order)."""
+
+    def __init__(
+        self,
+        name: str,
+        entrypoint: Union[Callable[..., Any], str],
+        args: Dict[int, tuple],
+        envs: Dict[int, Dict[str, str]],
+        logs_specs: LogsSpecs,
+        log_line_prefixes: Optional[Dict[int, str]] = None,
+        numa_options: None = None,
+        duplicate_stdout_filters: Optional[List[str]] = None,
+        duplicate_stderr_filters: Optional[List[str]] = None,
+    ) -> None:
+        super().__init__(
+            name, entrypoint, args, envs, logs_specs, log_line_prefixes,
+            duplicate_stdout_filters, duplicate_stderr_filters, numa_options=numa_options,
+        )
+
+
+class MultiprocessContext(_Ranks):
     """Ranks running a function: ``record(entrypoint)(*args[local_rank])`` in each child,
     started by fastspawn (warm zygote for ``spawn``/``forkserver``, or ``fork``); return
     values come back over the engine's result pipe."""
@@ -562,14 +587,12 @@ class MultiprocessContext(PContext):
         envs: Dict[int, Dict[str, str]],
         start_method: str,
         logs_specs: LogsSpecs,
-        log_line_prefixes: Optional[Dict[int, str]] = None,
-        duplicate_stdout_filters: Optional[List[str]] = None,
-        duplicate_stderr_filters: Optional[List[str]] = None,
+        *options: Any,
+        **keywords: Any,
     ) -> None:
-        super().__init__(
-            name, entrypoint, args, envs, logs_specs, log_line_prefixes,
-            duplicate_stdout_filters, duplicate_stderr_filters,
-        )
+        """The arguments of :class:`SubprocessContext`, with ``start_method`` before
+        ``logs_specs`` (as in torch)."""
+        super().__init__(name, entrypoint, args, envs, logs_specs, *options, **keywords)
         self.start_method = start_method
 
     def _launch(self, stdio: List[_output.StdioPair]) -> _api.ProcessContext:
@@ -606,7 +629,7 @@ class MultiprocessContext(PContext):
         return dict(enumerate(self._pc.pids()))
 
 
-class SubprocessContext(PContext):
+class SubprocessContext(_Ranks):
     """Ranks running a program: ``entrypoint`` with ``args[local_rank]`` (each made a str),
     the caller's environment updated with ``envs[local_rank]``, each rank leading its own
     process group (signals from :meth:`close` reach the whole group)."""
