@@ -118,15 +118,16 @@ def _file_data(failure):
     return {k: v for k, v in data.items() if failure.exitcode >= 0 or k != "errorTraits"}
 
 
-def observe(lib, tmp_path, capfd, caplog, entrypoint, args, envs=None, settle=False, **spec):
-    """Run one scenario with ``lib``; return what a user sees, normalised."""
+def observe(lib, tmp_path, capfd, caplog, entrypoint, args, envs=None, settle=False, start=None, **spec):
+    """Run one scenario with ``lib``; return what a user sees, normalised. ``spec`` goes to
+    DefaultLogsSpecs, ``start`` (more keywords) to start_processes."""
     capfd.readouterr()
     caplog.clear()
     root = str(tmp_path / lib.tag)
     logs = lib.mod.DefaultLogsSpecs(log_dir=root, **{k: _as_std(lib.mod.Std, v) for k, v in spec.items()})
     envs = envs if envs is not None else {rank: {} for rank in args}
     with caplog.at_level(logging.INFO, logger=lib.logger):
-        ctx = lib.mod.start_processes("trainer", entrypoint, args, envs, logs, start_method=lib.method)
+        ctx = lib.mod.start_processes("trainer", entrypoint, args, envs, logs, start_method=lib.method, **(start or {}))
         pids = list(ctx.pids().values())
         if settle:  # every rank has ended before the first look: no race in what is seen
             _exited(pids)
@@ -208,7 +209,7 @@ SCENARIOS = {
     "function ok, tee stdout, local_ranks_filter": (
         w.hello,
         {0: ("r0",), 1: ("r1",)},
-        dict(tee=fe.Std.OUT, local_ranks_filter={1}),
+        dict(tee=fe.Std.OUT, local_ranks_filter={1}, start=dict(log_line_prefixes={1: "<one>"})),
     ),
     "function raises in one rank, the other is stopped": (
         w.act,
@@ -222,7 +223,11 @@ SCENARIOS = {
     ),
     "function exits with a code, no error file": (w.act, {0: ("exit_with", 3)}, {}),
     "function returns something unpicklable": (w.act, {0: ("unpicklable",)}, {}),
-    "binary ok, tee all": (sys.executable, {0: ("-c", PY_PRINT, "r0"), 1: ("-c", PY_PRINT, "r1")}, dict(tee=fe.Std.ALL)),
+    "binary ok, tee all, filtered duplicates": (
+        sys.executable,
+        {0: ("-c", PY_PRINT, "r0"), 1: ("-c", PY_PRINT, "r1")},
+        dict(tee=fe.Std.ALL, start=dict(duplicate_stdout_filters=["r1", "nowhere"], duplicate_stderr_filters=["err r0"])),
+    ),
     "binary ok, redirect all": (sys.executable, {0: ("-c", PY_PRINT, "r0")}, dict(redirects=fe.Std.ALL)),
     "binary with @record fails": (
         sys.executable,
@@ -455,6 +460,7 @@ def test_improvement_wait_returns_when_the_outcome_is_known():
             release.set()  # the ranks end right after the first look
         return result
 
+    assert ctx.wait(timeout=0.01) is None  # still running at the timeout
     ctx._poll = poll_then_release
     result = ctx.wait(timeout=-1, period=3600)  # a polling wait would sleep an hour here
     assert result is not None and not result.is_failed()
@@ -695,3 +701,12 @@ def test_output_reader_leaves_signals_to_the_main_thread():
         assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours unchanged
     finally:
         ctx.close()
+
+
+def test_failed_start_leaves_nothing_open(tmp_path):
+    """A program that cannot start: the error is raised, no fd or reader thread is left."""
+    fds, threads = set(os.listdir("/proc/self/fd")), threading.active_count()
+    logs = fe.DefaultLogsSpecs(log_dir=str(tmp_path), redirects={0: fe.Std.OUT}, tee={1: fe.Std.ALL})
+    with pytest.raises(FileNotFoundError):
+        fe.start_processes("t", "fastspawn-no-such-program", {0: (), 1: ()}, {0: {}, 1: {}}, logs)
+    assert set(os.listdir("/proc/self/fd")) <= fds and threading.active_count() == threads
