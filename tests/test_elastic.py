@@ -9,6 +9,7 @@ Where fastspawn differs on purpose, a test of its own (``test_improvement_*``) s
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
 import multiprocessing
@@ -710,3 +711,30 @@ def test_failed_start_leaves_nothing_open(tmp_path):
     with pytest.raises(FileNotFoundError):
         fe.start_processes("t", "fastspawn-no-such-program", {0: (), 1: ()}, {0: {}, 1: {}}, logs)
     assert set(os.listdir("/proc/self/fd")) <= fds and threading.active_count() == threads
+
+
+def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
+    """Ranks end, the caller never waits or closes: the reader closes the pipes and log
+    files at end of output, the rest goes with the context. A console that fails is
+    reported once; the log files still get everything."""
+    broken = io.StringIO()
+    broken.close()
+    monkeypatch.setattr(sys, "stdout", broken)
+    fds = set(os.listdir("/proc/self/fd"))
+    ctx = _start(w.fragments, {0: ("r0", 50), 1: ("r1", 50)}, tee=fe.Std.OUT)
+    monkeypatch.undo()
+    thread, paths = ctx._streams._thread, ctx.stdouts
+    thread.join(60)
+    assert not thread.is_alive()
+    warnings = [r.getMessage() for r in caplog.records if "any more" in r.getMessage()]
+    assert sorted(warnings) == [
+        f"cannot write [trainer{rank}]: output to its console any more: I/O operation on closed file"
+        for rank in (0, 1)
+    ]
+    for rank in (0, 1):
+        with open(paths[rank]) as src:
+            assert src.read().count(f"r{rank} line") == 50
+    ctx._pc._run.wait_all(None)
+    del ctx
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= fds

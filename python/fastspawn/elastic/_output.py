@@ -16,7 +16,8 @@ import os
 import selectors
 import signal
 import threading
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ class LineFilter:
 
 
 class _Tee:
-    """One teed stream: pipe read end -> raw bytes to ``log_fd``, prefixed lines to ``console``."""
+    """One teed stream: pipe read end -> raw bytes to ``log_fd``, prefixed lines to ``console``.
+
+    An output that fails (disk full, console closed) is reported once and dropped; the
+    others go on. The reader thread closes the fds when it is done with them.
+    """
 
     def __init__(self, fd: int, log_fd: int, console: TextIO, header: str, line_filter: Optional[LineFilter]) -> None:
         self.fd = fd
@@ -61,39 +66,49 @@ class _Tee:
         self.line_filter = line_filter
         self.decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")("replace"), translate=True)
         self.pending = ""
-        self.console_broken = False
+        self.broken: Set[str] = set()
 
     def feed(self, data: bytes, final: bool = False) -> None:
         if data:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.log_fd, view):]
+            self._guarded("log file", lambda: _write_all(self.log_fd, data))
         text = self.pending + self.decoder.decode(data, final)
         lines = text.split("\n")
         self.pending = lines.pop()
         if self.pending and (final or len(self.pending) > _MAX_LINE):
             lines.append(self.pending)
             self.pending = ""
-        if lines:
-            self._emit(lines)
-
-    def _emit(self, lines: List[str]) -> None:
-        if self.line_filter is not None:
-            self.line_filter.write(self.header, lines)
-        if self.console_broken:
+        if not lines:
             return
-        block = "".join(f"{self.header}{line}\n" for line in lines)
+        if self.line_filter is not None:
+            self._guarded("filtered log", lambda: self.line_filter.write(self.header, lines))  # type: ignore[union-attr]
+        self._guarded("console", lambda: self._to_console("".join(f"{self.header}{line}\n" for line in lines)))
+
+    def _to_console(self, block: str) -> None:
+        with _CONSOLE_LOCK:
+            self.console.write(block)
+            self.console.flush()
+
+    def _guarded(self, output: str, write: Callable[[], None]) -> None:
+        if output in self.broken:
+            return
         try:
-            with _CONSOLE_LOCK:
-                self.console.write(block)
-                self.console.flush()
-        except (OSError, ValueError) as exc:  # console closed: the log file still gets everything
-            self.console_broken = True
-            logger.warning("cannot write %s output to the console any more: %s", self.header, exc)
+            write()
+        except (OSError, ValueError) as exc:
+            self.broken.add(output)
+            logger.warning("cannot write %s output to its %s any more: %s", self.header, output, exc)
 
     def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.log_fd)
+        """Close both fds (once)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.close(self.log_fd)
+            self.fd = self.log_fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class RankStreams:
@@ -122,7 +137,8 @@ class RankStreams:
         self._child_fds: List[int] = []
         self._tees: List[_Tee] = []
         self._thread: Optional[threading.Thread] = None
-        self._wake: Optional[Tuple[int, int]] = None
+        self._wake_fd = -1  # write end of the reader's wake-up pipe
+        self._release_wake: Optional[weakref.finalize] = None
 
     def open(self, nprocs: int) -> List[StdioPair]:
         """Create the files and pipes; returns the (stdout_fd, stderr_fd) of each rank."""
@@ -158,8 +174,11 @@ class RankStreams:
         """The children hold their ends now: drop ours and start reading the teed pipes."""
         self._close_child_fds()
         if self._tees and self._thread is None:
-            self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            self._thread = threading.Thread(target=self._read_all, name=f"fastspawn-elastic-{self.name}", daemon=True)
+            wake_read, self._wake_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._release_wake = weakref.finalize(self, os.close, self._wake_fd)
+            self._thread = threading.Thread(
+                target=self._read_all, args=(wake_read,), name=f"fastspawn-elastic-{self.name}", daemon=True
+            )
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
             try:
                 self._thread.start()  # with those signals blocked from its first instruction
@@ -171,33 +190,39 @@ class RankStreams:
         for fd in fds:
             os.close(fd)
 
-    def _read_all(self) -> None:
-        assert self._wake is not None
+    def _read_all(self, wake_fd: int) -> None:
+        """The reader thread: until every pipe ends, or a wake-up (then it drains them).
+        It closes each pipe and log file it is done with, and its end of the wake pipe."""
         live = {tee.fd: tee for tee in self._tees}
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake[0], selectors.EVENT_READ)
-            for fd in live:
-                selector.register(fd, selectors.EVENT_READ)
-            while live:
-                for key, _ in selector.select():
-                    if key.fd == self._wake[0]:  # stop: take what is there, then finish
-                        for tee in live.values():
-                            _drain(tee)
-                        return
-                    tee = live[key.fd]
-                    if not _read_once(tee):
-                        selector.unregister(key.fd)
-                        del live[key.fd]
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(wake_fd, selectors.EVENT_READ)
+                for fd in live:
+                    selector.register(fd, selectors.EVENT_READ)
+                while live:
+                    for key, _ in selector.select():
+                        if key.fd == wake_fd:  # stop: take what is there, then finish
+                            for tee in live.values():
+                                _drain(tee)
+                            return
+                        tee = live[key.fd]
+                        if not _read_once(tee):
+                            selector.unregister(key.fd)
+                            del live[key.fd]
+                            tee.close()
+        finally:
+            for tee in live.values():
+                tee.close()
+            os.close(wake_fd)
 
     def close(self) -> None:
         """Write out what the ranks wrote, then close every file and pipe (idempotent)."""
         self._close_child_fds()
         thread, self._thread = self._thread, None
         if thread is not None:
-            assert self._wake is not None
             try:
-                os.write(self._wake[1], b"x")
-            except BlockingIOError:  # already woken
+                os.write(self._wake_fd, b"x")
+            except OSError:  # already woken, or the reader is gone
                 pass
             thread.join(_STOP_TIMEOUT)
             if thread.is_alive():
@@ -206,14 +231,12 @@ class RankStreams:
                     self.name,
                     _STOP_TIMEOUT,
                 )
-                return  # the reader still uses the pipes and files; it owns them now
+                return  # the reader still uses the pipes and files: it closes them when done
+            assert self._release_wake is not None
+            self._release_wake()
         tees, self._tees = self._tees, []
-        for tee in tees:
+        for tee in tees:  # those no reader took (start failed), else already closed
             tee.close()
-        if self._wake is not None:
-            for fd in self._wake:
-                os.close(fd)
-            self._wake = None
 
 
 def _read_once(tee: _Tee) -> bool:
