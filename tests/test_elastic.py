@@ -719,6 +719,7 @@ def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
     reported once; the log files still get everything."""
     broken = io.StringIO()
     broken.close()
+    fastspawn.warmup()  # the zygote's own fds are not the context's
     monkeypatch.setattr(sys, "stdout", broken)
     fds = set(os.listdir("/proc/self/fd"))
     ctx = _start(w.fragments, {0: ("r0", 50), 1: ("r1", 50)}, tee=fe.Std.OUT)
