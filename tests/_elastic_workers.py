@@ -65,6 +65,31 @@ def ignore_term_then_wait(ready):
     wait_forever()
 
 
+def _ready_path():
+    # Ranks of both libraries are children of the test process: one flag file per run.
+    return f"/tmp/fastspawn-elastic-ready-{os.getppid()}"
+
+
+def ready_then_wait():
+    """Say "I am running" (a file), then wait to be stopped."""
+    with open(_ready_path(), "w"):
+        pass
+    wait_forever()
+
+
+def fail_once_peer_ready(message, deadline=60.0):
+    """Raise ValueError(message), but only once the peer runs ``ready_then_wait``: the
+    peer is then inside its entrypoint when it is stopped, whatever the scheduling."""
+    import time
+
+    path = _ready_path()
+    end = time.monotonic() + deadline
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.005)
+    os.unlink(path)
+    raise ValueError(message)
+
+
 def act(name, *args):
     """Run the worker named ``name`` (so one entrypoint can do something else per rank)."""
     return globals()[name](*args)

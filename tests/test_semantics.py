@@ -1136,9 +1136,12 @@ def test_all_names():
             "SpawnedProcess",
             "ZygoteError",
             "__version__",
+            "patch_torch",
             "preload",
+            "run",
             "spawn",
             "start_processes",
+            "unpatch_torch",
             "warmup",
         ]
     )
