@@ -199,9 +199,8 @@ def _apply(request: Dict[str, Any]) -> None:
 
 
 def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
-    """Fork the request's children (see _split). Replies as soon as the first one exists
-    (the caller adopts them from their own pipes meanwhile); returns a reply only if none
-    was sent."""
+    """Fork the request's children. Replies as soon as the first one exists (the caller
+    adopts them from their own pipes meanwhile); returns a reply only if none was sent."""
     # Once here rather than in every child: the zygote takes on the caller's context
     # (each request overwrites all of it), then imports fn's module in that context.
     _apply(request)
@@ -213,45 +212,52 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
         return {"ok": False, "fallback": reason}
     _skip_inherited_exit_finalizers()
     gc.freeze()  # fewer copy-on-write faults in the children
+    n = request["n"]
+    # Ranks [split, n) are forked by a helper child (it becomes rank `split`), the others
+    # by the zygote: two processes fork at once. Only for big calls: a fork of a fork
+    # costs more than the zygote's own, which pays off only when there are many.
+    split = n // 2 if n >= _SPLIT_AT else n
     try:
         pid = _core.zygote_fork(owner)
     except OSError as exc:
         return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {exc}"}
     if pid == 0:
-        try:
-            rank = _split(request["n"], owner)
-        except BaseException:
-            os._exit(1)  # never back into the zygote's loop
-        _child_after_fork(request, rank, fds, sock)
+        _become(request, 0, 0, fds, sock, owner)
     _send(sock, {"ok": True})
+    try:
+        if split < n and _core.zygote_fork(owner) == 0:
+            _become(request, split, n, fds, sock, owner)
+        for rank in range(1, split):
+            if _core.zygote_fork(owner) == 0:
+                _become(request, rank, 0, fds, sock, owner)
+    except Exception:
+        # Already replied: the caller sees which ranks never announced themselves.
+        log.debug("fastspawn zygote: fork failed", exc_info=True)
     return None
 
 
-def _split(n: int, owner: int) -> int:
-    """In the zygote's one child per request: become ranks 0..n-1 by halving.
+_SPLIT_AT = 8  # calls with at least this many children fork from two processes
 
-    The zygote forks once and is free again; its child forks a sibling (clone with
-    CLONE_PARENT: the caller's child too) that takes the upper half of the ranks, then
-    goes on with the lower half, and each sibling does the same. Forking a big
-    interpreter costs milliseconds; this way every core forks at once and the last
-    child exists after log2(n) forks instead of n. Returns this process's rank.
-    """
-    lo, hi = 0, n
-    while hi - lo > 1:
-        mid = (lo + hi + 1) // 2
-        try:
-            if _core.zygote_fork(owner) == 0:
-                lo = mid
-                continue
-        except OSError:
-            # Ranks mid..hi-1 never announce themselves: the caller reports them.
-            log.debug("fastspawn zygote child: fork failed", exc_info=True)
-        hi = mid
-    # Only now: the siblings forked above start in this process's group (see
-    # zygote_fork) and move to groups of their own; had this one led a group already,
-    # signalling its group early could hit them.
-    os.setpgid(0, 0)
-    return lo
+
+def _become(request: Dict[str, Any], rank: int, last: int, fds: List[int], sock: socket.socket, owner: int) -> None:
+    """In a new child: fork ranks rank+1..last-1 first (if any), then become ``rank``."""
+    try:
+        for sibling in range(rank + 1, last):
+            try:
+                pid = _core.zygote_fork(owner)
+            except OSError:  # the caller sees which ranks never announced themselves
+                log.debug("fastspawn zygote child: fork failed", exc_info=True)
+                break
+            if pid == 0:
+                rank = sibling
+                break
+        # Only now: the siblings forked above start in this process's group (see
+        # zygote_fork) and move to groups of their own; had this one led a group
+        # already, signalling its group early could hit them.
+        os.setpgid(0, 0)
+    except BaseException:
+        os._exit(1)  # never back into the zygote's loop
+    _child_after_fork(request, rank, fds, sock)
 
 
 def main() -> None:
