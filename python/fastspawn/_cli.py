@@ -742,26 +742,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), backlog=4096)
 
 
-class _QuietRankLogs:
+def _quiet_rank_logs(record: object) -> bool:
     """Drops the per-rank log records the failure summary already says better."""
+    from .elastic.api import RANK_REPORT
 
-    def __init__(self, closing_messages: Sequence[str]) -> None:
-        self.closing_messages = set(closing_messages)
-
-    def filter(self, record: object) -> bool:
-        return not (getattr(record, "funcName", "") == "_log_failure"
-                    or getattr(record, "msg", None) in self.closing_messages)
+    return not getattr(record, RANK_REPORT, False)
 
 
 def _setup_logging() -> None:
     import logging
 
-    from .elastic import MultiprocessContext, SubprocessContext
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    handler.addFilter(_QuietRankLogs([MultiprocessContext._closing_message,  # noqa: SLF001
-                                      SubprocessContext._closing_message]))  # noqa: SLF001
+    handler.addFilter(_quiet_rank_logs)
     logger = logging.getLogger("fastspawn")
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)

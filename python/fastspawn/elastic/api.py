@@ -43,6 +43,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Set (as True) on the log records about single ranks: one per failed rank, one per rank
+# sent a closing signal. A launcher that reports failures its own way filters on it.
+RANK_REPORT = "fastspawn_rank_report"
+
 
 class SignalException(Exception):
     """Raised in the launching process by the handler :meth:`PContext.start` installs when
@@ -526,7 +530,9 @@ class PContext(abc.ABC):
         run.group.begin_stop()  # what a rank started dies with it
         for rank, code in enumerate(run.exitcodes):
             if code is None:
-                logger.warning(self._closing_message, run.group.pid(rank), death_sig.name)
+                logger.warning(
+                    self._closing_message, run.group.pid(rank), death_sig.name, extra={RANK_REPORT: True}
+                )
                 run.group.send_signal(rank, death_sig, self._signal_group)
                 self._signalled.add(rank)
         run.wait_all(max(0.0, timeout))
@@ -620,6 +626,7 @@ class MultiprocessContext(_Ranks):
             getattr(self.entrypoint, "__qualname__", repr(self.entrypoint)),
             self.start_method,
             f"\n{trace}" if trace else "",
+            extra={RANK_REPORT: True},
         )
 
     def pids(self) -> Dict[int, int]:
@@ -653,6 +660,7 @@ class SubprocessContext(_Ranks):
             failure.local_rank,
             failure.pid,
             self.entrypoint,
+            extra={RANK_REPORT: True},
         )
 
     def pids(self) -> Dict[int, int]:
