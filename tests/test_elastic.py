@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+from multiprocessing import resource_tracker
 from types import SimpleNamespace
 
 import pytest
@@ -720,7 +721,8 @@ def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
     reported once; the log files still get everything."""
     broken = io.StringIO()
     broken.close()
-    fastspawn.warmup()  # the zygote's own fds are not the context's
+    fastspawn.warmup()  # the zygote's own fds are not the context's,
+    resource_tracker.ensure_running()  # nor multiprocessing's tracker's (started on first use)
     monkeypatch.setattr(sys, "stdout", broken)
     fds = set(os.listdir("/proc/self/fd"))
     ctx = _start(w.fragments, {0: ("r0", 50), 1: ("r1", 50)}, tee=fe.Std.OUT)
@@ -729,6 +731,8 @@ def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
     thread.join(60)
     assert not thread.is_alive()
     warnings = [r.getMessage() for r in caplog.records if "any more" in r.getMessage()]
+    # A record holding the exception would keep the reader (and its wake pipe) alive.
+    assert not [a for r in caplog.records for a in (r.args or ()) if isinstance(a, BaseException)]
     assert sorted(warnings) == [
         f"cannot write [trainer{rank}]: output to its console any more: I/O operation on closed file"
         for rank in (0, 1)

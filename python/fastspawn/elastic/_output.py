@@ -95,7 +95,9 @@ class _Tee:
             write()
         except (OSError, ValueError) as exc:
             self.broken.add(output)
-            logger.warning("cannot write %s output to its %s any more: %s", self.header, output, exc)
+            # str(exc): a record holding the exception would keep its traceback's frames,
+            # and with them this reader and its fds, alive for as long as the record lives.
+            logger.warning("cannot write %s output to its %s any more: %s", self.header, output, str(exc))
 
     def close(self) -> None:
         """Close both fds (once)."""
