@@ -447,9 +447,13 @@ def _environment(overlay: Optional[Mapping[str, str]]) -> Optional[List[bytes]]:
     """A child's whole environment for execve: the caller's with ``overlay`` laid over."""
     if not overlay:
         return None
-    env = dict(os.environb)
-    env.update((os.fsencode(k), os.fsencode(v)) for k, v in overlay.items())
-    return [k + b"=" + v for k, v in env.items()]
+    env = {**os.environ, **overlay}
+    return _env_entries(env)
+
+
+def _env_entries(env: Mapping[str, str]) -> List[bytes]:
+    """``env`` as execve wants it: ``b"KEY=value"`` items."""
+    return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
 
 
 class _Stdio:
@@ -581,10 +585,9 @@ def launch_programs(
     run = _Run(count, daemon=False)
     try:
         for rank, argv in enumerate(argvs):
-            env = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in envs[rank].items()]
             run.group.start_exec(
                 rank, resolved[rank], [str(a) for a in argv], [], [],
-                protocol=False, env=env, redirects=rank_stdio.pairs[rank],
+                protocol=False, env=_env_entries(envs[rank]), redirects=rank_stdio.pairs[rank],
             )
     except BaseException:
         run.stop(0.0)
