@@ -444,6 +444,26 @@ def test_record_without_error_file_and_exit_codes(monkeypatch, tmp_path):
     assert json.loads(path.read_text())["message"]["message"] == "ValueError: custom"
 
 
+def test_error_handler_module_path_as_in_torch(tmp_path, monkeypatch):
+    """``errors.error_handler.ErrorHandler`` exists where torch has it, is the same class as
+    ``errors.ErrorHandler``, and writes the error file named by TORCHELASTIC_ERROR_FILE."""
+    from fastspawn.elastic.errors import error_handler
+
+    assert error_handler.ErrorHandler is fe_errors.ErrorHandler
+    if te is not None:
+        from torch.distributed.elastic.multiprocessing.errors import error_handler as theirs
+
+        assert hasattr(theirs, "ErrorHandler")
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    handler = error_handler.ErrorHandler()
+    try:
+        raise KeyError("lost")
+    except KeyError as exc:
+        handler.record_exception(exc)
+    assert json.loads(path.read_text())["message"]["message"] == "KeyError: 'lost'"
+
+
 # ------------------------------------------------------------------ the improvements
 def _start(entrypoint, args, envs=None, prefixes=None, **spec):
     logs = fe.DefaultLogsSpecs(**spec)
