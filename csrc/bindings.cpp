@@ -19,6 +19,7 @@ namespace py = pybind11;
 using fastspawn::Chunk;
 using fastspawn::ExitInfo;
 using fastspawn::Group;
+using ChildSpecFds = std::tuple<int, std::vector<std::pair<int, int>>, std::vector<int>>;
 
 namespace {
 
@@ -117,6 +118,53 @@ PYBIND11_MODULE(_core, m) {
         py::arg("owner"),
         "In the zygote: fork a child of the zygote's parent (clone CLONE_PARENT). Returns 0 "
         "in the child, whose parent-death guard watches `owner`.");
+
+    m.def(
+        "zygote_fork_many",
+        [](int owner, const std::vector<ChildSpecFds>& children, int deferred) -> py::tuple {
+            std::vector<fastspawn::ChildFds> plans;
+            plans.reserve(children.size());
+            for (const auto& [announce, dup2s, close_fds] : children)
+                plans.push_back(fastspawn::ChildFds{announce, dup2s, close_fds});
+            // One before/after pair around all the clones, and no Python in between: the
+            // zygote writes nothing to its (now shared, copy-on-write) heap while forking.
+            PyOS_BeforeFork();
+            int forked = 0;
+            int error = 0;
+            for (std::size_t i = 0; i < plans.size(); ++i) {
+                pid_t pid = -1;
+                try {
+                    pid = fastspawn::zygote_fork(static_cast<pid_t>(owner));
+                } catch (const std::system_error& e) {
+                    error = e.code().value();
+                    break;
+                }
+                if (pid == 0) {
+                    if (static_cast<int>(i) != deferred && !fastspawn::enter_child(plans[i])) ::_exit(1);
+                    PyOS_AfterFork_Child();
+                    return py::make_tuple(static_cast<int>(i), 0, 0);
+                }
+                ++forked;
+            }
+            PyOS_AfterFork_Parent();
+            return py::make_tuple(-1, forked, error);
+        },
+        py::arg("owner"), py::arg("children"), py::arg("deferred") = -1,
+        "In the zygote: fork len(children) children of the caller back to back (see "
+        "zygote_fork). children[i] is (announce_fd, [(src, dst) dup2s], [fds to close]), "
+        "applied in child i before Python resumes there, except in child `deferred`, which "
+        "applies its own later with enter_child. Returns (i, 0, 0) in child i and "
+        "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did).");
+    m.def(
+        "enter_child",
+        [](int announce, const std::vector<std::pair<int, int>>& dup2s, const std::vector<int>& close_fds) {
+            if (!fastspawn::enter_child(fastspawn::ChildFds{announce, dup2s, close_fds}))
+                throw std::system_error(errno, std::generic_category(), "enter_child");
+        },
+        py::arg("announce_fd"), py::arg("dup2s"), py::arg("close_fds"),
+        "In a zygote child forked with `deferred`: own process group, stdio, closes, announce.");
+    m.def("current_umask", &fastspawn::current_umask,
+          "This process's umask, read without changing it (-1 where /proc cannot tell).");
 
     py::class_<PyChunk>(m, "Chunk", "Immutable bytes shared by the engine and many children.")
         .def(py::init([](const py::bytes& b) {

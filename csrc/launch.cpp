@@ -6,8 +6,10 @@
 #include <climits>
 #include <csignal>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
+#include <fcntl.h>
 #include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -249,6 +251,45 @@ pid_t zygote_fork(pid_t owner) {
         return 0;
     }
     return static_cast<pid_t>(pid);
+}
+
+bool enter_child(const ChildFds& fds) noexcept {
+    ::setpgid(0, 0);
+    for (const auto& [from, to] : fds.dup2s)
+        if (::dup2(from, to) < 0) return false;
+    for (const int fd : fds.close_fds) ::close(fd);
+    const std::int32_t pid = ::getpid();
+    const char* data = reinterpret_cast<const char*>(&pid);
+    std::size_t left = sizeof pid;
+    while (left > 0) {  // a fresh pipe takes 4 bytes at once; EINTR is the only retry
+        const ssize_t n = ::write(fds.announce_fd, data, left);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        data += n;
+        left -= static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+int current_umask() noexcept {
+    const Fd fd(::open("/proc/self/status", O_RDONLY | O_CLOEXEC));
+    if (!fd) return -1;
+    std::array<char, 4096> buf{};
+    std::size_t used = 0;
+    while (used < buf.size() - 1) {
+        const ssize_t n = ::read(fd.get(), buf.data() + used, buf.size() - 1 - used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        used += static_cast<std::size_t>(n);
+    }
+    const char* line = std::strstr(buf.data(), "\nUmask:");
+    if (line == nullptr) return -1;
+    line += 7;
+    while (*line == ' ' || *line == '\t') ++line;
+    int mask = 0;
+    int digits = 0;
+    for (; *line >= '0' && *line <= '7'; ++line, ++digits) mask = mask * 8 + (*line - '0');
+    return digits > 0 ? mask : -1;
 }
 
 bool arm_parent_death(pid_t owner) noexcept {

@@ -53,6 +53,23 @@ pid_t fork_child(pid_t owner);
 // while forking could otherwise signal its group and hit a sibling not yet moved out.
 pid_t zygote_fork(pid_t owner);
 
+// What a new zygote child does before any Python code runs in it, in this order: move
+// into a process group of its own, dup2 each (source, target) pair, close `close_fds`,
+// then write its pid (native int32) to `announce_fd`, from which the caller adopts it.
+struct ChildFds {
+    int announce_fd = -1;
+    std::vector<std::pair<int, int>> dup2s;
+    std::vector<int> close_fds;
+};
+
+// Async-signal-safe. Applies `fds` in the calling process (see ChildFds); returns
+// false, with errno set, if a dup2 or the announcement failed.
+bool enter_child(const ChildFds& fds) noexcept;
+
+// The calling process's umask from /proc/self/status (no umask() round trip, which
+// would change it for other threads meanwhile); -1 when /proc does not say.
+int current_umask() noexcept;
+
 // For a process that was exec'd by exec_child: installs the handler behind the
 // parent-death signal. Returns false when `owner` is already gone.
 bool arm_parent_death(pid_t owner) noexcept;

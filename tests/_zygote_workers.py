@@ -84,3 +84,56 @@ def report_open_fds(rank, conn):
         except OSError:
             pass  # the one listdir used
     conn.send({"fds": fds, "sentinel": parent_process()._sentinel, "conn": conn.fileno()})
+
+
+def report_stdin(rank, queue):
+    queue.put(
+        {
+            "read": sys.stdin.read(),
+            "reads_from": os.readlink(f"/proc/self/fd/{sys.stdin.fileno()}"),
+            "fd0_replaced": sys.stdin.fileno() != 0,
+            "original_closed": sys.__stdin__.closed if sys.__stdin__ is not None else None,
+        }
+    )
+
+
+class PidOnLoad:
+    """Records, when unpickled, the pid of the process that unpickled it."""
+
+    def __init__(self):
+        self.loaded_in = None
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.loaded_in = os.getpid()
+
+
+def report_loaded_in(rank, queue, probe):
+    queue.put((rank, os.getpid(), probe.loaded_in))
+
+
+def finalizers(rank, base):
+    """Drops the object behind the zygote's "collect" finalizer (it must fire here) and
+    registers an exit finalizer of its own (it must run at exit)."""
+    import weakref
+
+    import _zygote_finalizers
+
+    del _zygote_finalizers.collected_here
+    import gc
+
+    gc.collect()
+    weakref.finalize(report_loaded_in, _write, f"{base}.own.{rank}", "own ran")
+
+
+def _write(path, text):
+    with open(path, "a") as f:
+        f.write(f"{text} in {os.getpid()}\n")
+
+
+def report_argv(rank, queue):
+    queue.put(list(sys.argv))
+
+
+def report_group(rank, queue):
+    queue.put((rank, os.getpid(), os.getppid(), os.getpgid(0)))

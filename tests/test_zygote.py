@@ -409,3 +409,130 @@ def test_zygote_child_only_has_the_fds_it_needs(fresh_zygote):
     assert report["sentinel"] in extra and report["conn"] in extra
     assert len(extra) == 4, extra
     assert not any(target.startswith("socket:") for target in extra.values()), extra
+
+
+def test_context_changes_between_calls_reach_children(fresh_zygote, monkeypatch, tmp_path):
+    # The context travels only when it changed since the zygote last took it on: each
+    # change, and going back, must still reach the next call's children.
+    q = _queue()
+
+    def report():
+        fastspawn.spawn(workers.report_context, args=(q,), nprocs=1)
+        return q.get()
+
+    monkeypatch.delenv("FASTSPAWN_TEST_VALUE", raising=False)
+    first = report()
+    assert first["env"] is None
+    assert report()["env"] is None  # unchanged: nothing sent, same result
+    monkeypatch.setenv("FASTSPAWN_TEST_VALUE", "one")
+    assert report()["env"] == "one"
+    monkeypatch.setenv("FASTSPAWN_TEST_VALUE", "two")
+    assert report()["env"] == "two"
+    monkeypatch.delenv("FASTSPAWN_TEST_VALUE")
+    assert report()["env"] is None
+    monkeypatch.chdir(tmp_path)
+    assert report()["cwd"] == str(tmp_path)
+    old = os.umask(0o077)
+    try:
+        assert report()["umask"] == 0o077
+    finally:
+        os.umask(old)
+    assert report()["umask"] == old
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--fastspawn-test-arg"])
+    fastspawn.spawn(workers.report_argv, args=(q,), nprocs=1)
+    assert q.get()[-1] == "--fastspawn-test-arg"
+
+
+def test_current_umask_reads_without_changing_it():
+    from fastspawn import _core
+
+    old = os.umask(0o023)
+    try:
+        assert _core.current_umask() == 0o023
+        assert _core.current_umask() == 0o023
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("zygote", [True, False])
+def test_child_stdin_is_devnull_as_in_multiprocessing(fresh_zygote, zygote):
+    q = _queue()
+    fastspawn.spawn(workers.report_stdin, args=(q,), nprocs=1, zygote=zygote)
+    report = q.get()
+    assert report == {"read": "", "reads_from": os.devnull, "fd0_replaced": True, "original_closed": True}
+
+
+def test_zygote_child_stdin_matches_a_multiprocessing_child(fresh_zygote):
+    q = _queue()
+    fastspawn.spawn(workers.report_stdin, args=(q,), nprocs=1)
+    ours = q.get()
+    proc = multiprocessing.get_context("spawn").Process(target=workers.report_stdin, args=(0, q))
+    proc.start()
+    theirs = q.get()
+    proc.join()
+    assert ours == theirs
+
+
+def test_arguments_are_unpickled_in_each_child_unless_plain(fresh_zygote):
+    # An argument with behaviour on unpickling is unpickled by each child, as spawn does;
+    # only plain data and names may be loaded once in the zygote.
+    q = _queue()
+    fastspawn.spawn(workers.report_loaded_in, args=(q, workers.PidOnLoad()), nprocs=3)
+    reports = sorted(q.get() for _ in range(3))
+    assert [rank for rank, _, _ in reports] == [0, 1, 2]
+    for _rank, pid, loaded_in in reports:
+        assert loaded_in == pid
+
+
+@pytest.mark.parametrize(
+    "fn, args, plain",
+    [
+        (workers.report_pid, (), True),
+        (workers.report_pid, (1, 2.5, "s", b"b", None, True, (1, [2, {3: frozenset({4})}])), True),
+        (workers.report_pid, (workers.report_pid, workers.PidOnLoad, print, os.getpid), True),
+        (print, (), True),
+        (workers.report_pid, (workers.PidOnLoad(),), False),
+        (lambda i: i, (), False),
+        (workers.PidOnLoad().__setstate__, (), False),
+        ("".join, (), False),
+        (workers.report_pid, ([0] * 20_000,), False),  # too big to look through
+        (workers.report_pid, (_queue(),), False),
+    ],
+)
+def test_is_plain(fn, args, plain):
+    from fastspawn import _payload
+
+    assert _payload.is_plain(fn, args) is plain
+
+
+def test_finalizers_made_in_the_zygote(fresh_zygote, monkeypatch, tmp_path):
+    # Made by the zygote's imports: they fire in a child when what they watch dies there,
+    # but are not run at a child's exit. The child's own exit finalizers do run.
+    base = str(tmp_path / "fin")
+    monkeypatch.setenv("FASTSPAWN_TEST_FINALIZER_BASE", base)
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    fastspawn.preload(["_zygote_finalizers"])
+    ctx = fastspawn.start_processes(workers.finalizers, args=(base,), nprocs=2, join=False)
+    pids = ctx.pids()
+    while not ctx.join():
+        pass
+    collected = _read(base + ".collected").splitlines()
+    assert sorted(collected) == sorted(f"collected in {pid}" for pid in pids)
+    for rank, pid in enumerate(pids):
+        assert _read(f"{base}.own.{rank}") == f"own ran in {pid}\n"
+    assert not os.path.exists(base + ".exit")
+
+
+@pytest.mark.parametrize("nprocs", [2, 9, 17])
+def test_every_rank_is_a_child_of_the_caller_leading_its_own_group(fresh_zygote, nprocs):
+    # From 8 ranks on, a helper child forks half of them: they must look the same.
+    q = _queue()
+    ctx = fastspawn.start_processes(workers.report_group, args=(q,), nprocs=nprocs, join=False)
+    reports = sorted(q.get() for _ in range(nprocs))
+    while not ctx.join():
+        pass
+    assert [rank for rank, *_ in reports] == list(range(nprocs))
+    assert [pid for _, pid, _, _ in reports] == ctx.pids()
+    for _rank, pid, ppid, pgid in reports:
+        assert ppid == os.getpid()
+        assert pgid == pid

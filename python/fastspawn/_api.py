@@ -628,6 +628,20 @@ def _tracker_fd() -> int:
     return int(resource_tracker.getfd())
 
 
+def _process_names(start_method: str, count: int) -> List[Tuple[str, Tuple[int, ...]]]:
+    """The names and identities multiprocessing would give ``count`` new processes of
+    ``start_method`` (e.g. ``SpawnProcess-3``, ``(3,)``), drawn from its own counter, as
+    torch's children get them."""
+    kind = type(multiprocessing.get_context(start_method)).Process.__name__  # type: ignore[attr-defined]
+    base = multiprocessing.current_process()._identity  # type: ignore[attr-defined]
+    counter = multiprocessing.process._process_counter  # type: ignore[attr-defined]
+    names = []
+    for _ in range(count):
+        identity = (*base, next(counter))
+        names.append((f"{kind}-{':'.join(map(str, identity))}", identity))
+    return names
+
+
 def _launch(
     fn: Callable[..., Any],
     args: tuple,
@@ -641,24 +655,21 @@ def _launch(
 ) -> ProcessContext:
     stdio = stdio if stdio is not None else _Stdio(None, nprocs)
     flush_std_streams()  # as multiprocessing does before starting a child
-    mp_ctx = multiprocessing.get_context(start_method)
-    # Process objects are never started: they give each child multiprocessing's name and
-    # identity, exactly as torch's children get them.
-    templates = [mp_ctx.Process(daemon=daemon) for _ in range(nprocs)]  # type: ignore[attr-defined]
     me = multiprocessing.current_process()
+    parent_pid = os.getpid()
     specs = [
         _child.ChildSpec(
             rank=i,
-            name=t.name,
-            identity=t._identity,
+            name=name,
+            identity=identity,
             daemon=daemon,
             start_method=start_method,
-            parent_pid=os.getpid(),
+            parent_pid=parent_pid,
             parent_name=me.name,
             tracker_fd=None,
             return_value=return_values,
         )
-        for i, t in enumerate(templates)
+        for i, (name, identity) in enumerate(_process_names(start_method, nprocs))
     ]
     if start_method == "fork":
         run = _Run(nprocs, daemon)
@@ -690,7 +701,7 @@ def _launch(
                     reason = zygote.spawn(
                         run.group, specs, payload, pass_fds, tracker_fd,
                         None if module == "__main__" else module, os.getpid(),
-                        envs, stdio.pairs,
+                        envs, stdio.pairs, plain=not pass_fds and _payload.is_plain(fn, args),
                     )
                 except BaseException:
                     run.stop(0.0)
@@ -701,7 +712,7 @@ def _launch(
         if run is None:
             run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
     log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
-    processes = [SpawnedProcess(run, i, t.name, daemon) for i, t in enumerate(templates)]
+    processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
     return ProcessContext(processes, [None] * nprocs)
 
 

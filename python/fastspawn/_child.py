@@ -17,7 +17,6 @@ import multiprocessing.util
 import os
 import pickle
 import sys
-import traceback
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from . import _payload
@@ -42,9 +41,13 @@ class ChildSpec(NamedTuple):
     return_value: bool = False  # send fn's return value back on the result pipe
 
 
-def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int, send_return: bool) -> None:
+def _call(
+    fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int, send_return: bool, stdin: Any = None
+) -> None:
     # torch semantics: Ctrl-C ends a child quietly; an Exception is reported with its
     # traceback and exit code 1; SystemExit and other BaseExceptions go to multiprocessing.
+    if stdin is not None:
+        sys.stdin = stdin
     try:
         if send_return:
             _send_return(result_fd, fn(i, *args))
@@ -53,6 +56,8 @@ def _call(fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int, s
     except KeyboardInterrupt:
         pass
     except Exception as exc:
+        import traceback
+
         _payload.write_all(result_fd, _payload.encode_error(traceback.format_exc(), exc))
         sys.exit(1)
 
@@ -61,37 +66,53 @@ def _send_return(result_fd: int, value: Any) -> None:
     _payload.write_all(result_fd, _payload.encode_return(value))
 
 
-def _bootstrap(spec: ChildSpec, call: Call, control_fd: int, result_fd: int) -> int:
-    """Run the call inside a multiprocessing Process object; return the exit code."""
-    fn, args = call
+def make_process(spec: ChildSpec) -> Any:
+    """The multiprocessing Process object a child runs in (started only by _bootstrap)."""
     ctx = multiprocessing.get_context(spec.start_method)
-    proc = ctx.Process(  # type: ignore[attr-defined]
-        target=_call,
-        args=(fn, spec.rank, args, result_fd, spec.return_value),
-        name=spec.name,
-        daemon=spec.daemon,
-    )
+    proc = ctx.Process(target=_call, name=spec.name, daemon=spec.daemon)  # type: ignore[attr-defined]
     proc._identity = spec.identity
     proc._parent_pid = spec.parent_pid
     proc._parent_name = spec.parent_name
+    return proc
+
+
+def _bootstrap(
+    spec: ChildSpec, call: Call, control_fd: int, result_fd: int, process: Any = None, stdin: Any = None
+) -> int:
+    """Run the call inside a multiprocessing Process object; return the exit code.
+
+    ``process``: one made by :func:`make_process` beforehand. ``stdin``: a stream reading
+    /dev/null made beforehand (the original stdin already closed): multiprocessing then
+    has no stdin to replace, and the call starts with this one as ``sys.stdin``.
+    """
+    fn, args = call
+    proc = process if process is not None else make_process(spec)
+    proc._args = (fn, spec.rank, args, result_fd, spec.return_value, stdin)
+    if stdin is not None:
+        sys.stdin = None  # type: ignore[assignment]
     return int(proc._bootstrap(parent_sentinel=control_fd))
 
 
 def _report_setup_failure(result_fd: int, exc: BaseException) -> None:
+    import traceback
+
     try:
         _payload.write_all(result_fd, _payload.encode_error(traceback.format_exc(), exc))
     except OSError:
         pass
 
 
-def load_call(spec: ChildSpec, payload: bytes) -> Call:
-    """Unpickle ``(fn, args)`` as a spawned child does (fds mapped, tracker adopted)."""
-    from multiprocessing import process, resource_tracker  # imported above, at load time
-
+def adopt_inherited(spec: ChildSpec) -> None:
+    """Where the parent's fds for pickled objects landed, and multiprocessing's resource
+    tracker, as a spawned child sets them up before unpickling."""
     _payload.set_inherited_fds(spec.fds)
     if spec.tracker_fd is not None:
-        resource_tracker._resource_tracker._fd = spec.tracker_fd  # type: ignore[attr-defined]
-    current = process.current_process()
+        multiprocessing.resource_tracker._resource_tracker._fd = spec.tracker_fd  # type: ignore[attr-defined]
+
+
+def loads_call(payload: bytes) -> Call:
+    """Unpickle ``(fn, args)`` as a spawned child does (see :func:`adopt_inherited`)."""
+    current = multiprocessing.process.current_process()
     current._inheriting = True  # type: ignore[attr-defined]
     try:
         fn, args = pickle.loads(payload)
@@ -100,16 +121,18 @@ def load_call(spec: ChildSpec, payload: bytes) -> Call:
     return fn, args
 
 
-def enter_rank(env: Optional[Mapping[str, str]], stdio: Sequence[Tuple[int, int]]) -> None:
+def enter_rank(env: Optional[Mapping[str, str]], stdio: Sequence[Tuple[Optional[int], int]]) -> None:
     """In a forked child, before its call is loaded: the rank's own environment variables
-    and stdio (``(fd, target)`` pairs; each ``fd`` is closed once in place)."""
+    and stdio (``(fd, target)`` pairs; each ``fd`` is closed once in place; an fd of None
+    means the target is in place already and only Python's stream must follow)."""
     if env:
         os.environ.update(env)
     for fd, target in stdio:
-        os.dup2(fd, target)
+        if fd is not None:
+            os.dup2(fd, target)
         _rebind_stream(target)
     for fd in {fd for fd, _ in stdio}:
-        if fd > 2:
+        if fd is not None and fd > 2:
             os.close(fd)
 
 
@@ -135,12 +158,15 @@ def run_forked(
     control_fd: int,
     result_fd: int,
     run_atexit: bool = False,
+    process: Any = None,
+    stdin: Any = None,
 ) -> None:
     """In a fork (of the caller or of the zygote): run and exit; never returns.
 
     ``run_atexit``: end like an interpreter would (atexit handlers run), as the zygote's
     children stand in for fresh interpreters; a fork of the caller ends like
-    multiprocessing's fork children, without them.
+    multiprocessing's fork children, without them. ``process``, ``stdin``: see
+    :func:`_bootstrap`.
     """
     code = 1
     try:
@@ -149,7 +175,7 @@ def run_forked(
         _report_setup_failure(result_fd, exc)
         os._exit(code)
     try:
-        code = _bootstrap(spec, call, control_fd, result_fd)
+        code = _bootstrap(spec, call, control_fd, result_fd, process, stdin)
         if run_atexit:
             import atexit
 
@@ -186,7 +212,8 @@ def main() -> None:
                 spawn.prepare(preparation)
             finally:
                 del current._inheriting  # type: ignore[attr-defined]
-            call = load_call(spec, _payload.read_frame(control))
+            adopt_inherited(spec)
+            call = loads_call(_payload.read_frame(control))
     except BaseException as exc:
         _report_setup_failure(result_fd, exc)
         sys.stderr.flush()

@@ -11,6 +11,8 @@ import io
 import os
 import pickle
 import struct
+import sys
+import types
 from multiprocessing import context as mp_context
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, BinaryIO, Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -108,6 +110,45 @@ def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[bytes, List
             raise _explain(exc, f"{culprit} for the child processes") from exc
     finally:
         mp_context.set_spawning_popen(None)
+
+
+_PLAIN_DATA = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN_CONTAINERS = (tuple, list, frozenset, set)
+_PLAIN_BUDGET = 10_000  # objects looked at; bigger calls are simply not "plain"
+
+
+def is_plain(fn: Callable[..., Any], args: Sequence[Any]) -> bool:
+    """Whether unpickling ``(fn, args)`` does nothing but look up ``fn`` by name: ``fn`` a
+    module-level function or class, ``args`` built-in data. Such a call can be
+    unpickled once for many children instead of once in each."""
+    if not _by_name(fn):
+        return False
+    budget = _PLAIN_BUDGET
+    stack: List[Any] = [tuple(args)]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return False
+        obj = stack.pop()
+        kind = type(obj)
+        if kind in _PLAIN_DATA:
+            continue
+        if kind in _PLAIN_CONTAINERS:
+            stack.extend(obj)
+        elif kind is dict:
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif not _by_name(obj):
+            return False
+    return True
+
+
+def _by_name(obj: Any) -> bool:
+    # What pickle stores as a module and qualified name, with nothing to run when loaded.
+    if type(obj) not in (types.FunctionType, types.BuiltinFunctionType) and not isinstance(obj, type):
+        return False
+    name = getattr(obj, "__qualname__", "")
+    return bool(name) and "<" not in name and getattr(obj, "__self__", None) in (None, sys.modules.get(obj.__module__))
 
 
 def dumps_preparation(data: Any) -> bytes:

@@ -13,20 +13,31 @@ a zygote that dies mid-request cannot leave unknown children behind.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import pickle
 import socket
 import struct
 import sys
 import threading
-import traceback
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import _child, _core, _payload
 
-log = logging.getLogger(__name__)
+
+
+def _debug(message: str, *args: Any) -> None:
+    # logging (and traceback, below) are imported only when used: neither is needed by
+    # the zygote's children, and every module in the zygote makes each fork dearer.
+    import logging
+
+    logging.getLogger(__name__).debug(message, *args)
+
+
+def _format_exc() -> str:
+    import traceback
+
+    return traceback.format_exc()
 
 BOOTSTRAP = "from fastspawn._zygote import main; main()"
 
@@ -87,6 +98,21 @@ def _thread_count() -> int:
     return threading.active_count()
 
 
+def _null_stdin() -> Any:
+    # What multiprocessing makes of a child's stdin (its original stream closed, fd 0 left
+    # open, sys.stdin reading /dev/null), done once here: every child inherits the result.
+    if sys.stdin is not None:
+        try:
+            sys.stdin.close()
+        except (OSError, ValueError):
+            pass
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+    return open(fd, encoding="utf-8", closefd=False)
+
+
 def _health() -> Optional[str]:
     """Why this process must not fork children, or None when it is fit to."""
     if _thread_count() > 1:
@@ -114,7 +140,7 @@ def _import(module: str) -> Optional[str]:
     try:
         __import__(module)
     except BaseException:
-        return traceback.format_exc()
+        return _format_exc()
     return None
 
 
@@ -133,131 +159,228 @@ def _reseed() -> None:
         generator.seed()
 
 
-def _child_after_fork(request: Dict[str, Any], rank: int, fds: List[int], sock: socket.socket) -> None:
+class _Prepared(NamedTuple):
+    """One request, worked out in the zygote before it forks (so no child redoes it)."""
+
+    specs: List[_child.ChildSpec]
+    processes: List[Any]  # multiprocessing Process objects, one per rank
+    fds: List[Tuple[int, List[Tuple[int, int]], List[int]]]  # per rank, for zygote_fork_many
+    channels: List[Tuple[int, int]]  # per rank: (control_fd, result_fd)
+    rank_env: Optional[List[Dict[str, str]]]
+    rank_stdio: List[List[int]]  # per rank: its own stdio targets
+    payload: bytes
+    call: Optional[_child.Call]  # the payload unpickled, if plain (see _load_plain_call)
+
+
+def _prepare(request: Dict[str, Any], fds: List[int], sock_fd: int, call: Optional[_child.Call]) -> _Prepared:
     # fds: 2 channels per rank, pass_fds, [tracker], the caller's stdio, per-rank stdio.
     n = request["n"]
-    control_fd, result_fd = fds[2 * rank], fds[2 * rank + 1]
     stdio = request["stdio"]
     rank_stdio = request["rank_stdio"]
-    extra = sum(len(targets) for targets in rank_stdio)
-    end = len(fds) - extra
+    end = len(fds) - sum(len(targets) for targets in rank_stdio)
     passed = fds[2 * n : end - len(stdio)]
-    stdio_fds = dict(zip(stdio, fds[end - len(stdio) : end]))
     tracker_fd = passed.pop() if request["tracker"] else None
-    first = end + sum(len(targets) for targets in rank_stdio[:rank])
-    own_stdio = [(fds[first + i], target) for i, target in enumerate(rank_stdio[rank])]
+    callers = list(zip(fds[end - len(stdio) : end], stdio))  # the caller's stdin/out/err of now
+    # Every rank closes the others' channels, every stdio source (once in place) and the
+    # zygote's socket. A source never sits on 0..2 unless the zygote had those closed.
+    shared = [fd for fd, _ in callers] + fds[end:] + [sock_fd]
+    plans = []
+    first = end
+    for rank in range(n):
+        own = [(fds[first + i], target) for i, target in enumerate(rank_stdio[rank])]
+        first += len(own)
+        mine = (fds[2 * rank], fds[2 * rank + 1])
+        close = [fd for fd in fds[: 2 * n] + shared if fd > 2 and fd not in mine]
+        plans.append((mine[1], callers + own, close))
+    specs = [
+        _child.ChildSpec(*spec)._replace(tracker_fd=tracker_fd, fds=tuple(passed)) for spec in request["specs"]
+    ]
+    if specs:
+        _child.adopt_inherited(specs[0])  # the same for every rank: done once, inherited
+    return _Prepared(
+        specs=specs,
+        processes=[_child.make_process(spec) for spec in specs],
+        fds=plans,
+        channels=[(fds[2 * rank], fds[2 * rank + 1]) for rank in range(n)],
+        rank_env=request["rank_env"],
+        rank_stdio=rank_stdio,
+        payload=request["payload"],
+        call=call,
+    )
 
-    def load() -> _child.Call:
-        sock.close()
-        for target, fd in stdio_fds.items():  # the caller's stdin/out/err of now
-            os.dup2(fd, target)
-        mine = {control_fd, result_fd} | {fd for fd, _ in own_stdio}
-        _close_all([fd for fd in fds[: 2 * n] + fds[end:] if fd not in mine] + list(stdio_fds.values()))
-        _child.enter_rank(request["rank_env"][rank] if request["rank_env"] else None, own_stdio)
-        _reseed()
-        spec = _child.ChildSpec(*request["specs"][rank])._replace(
-            tracker_fd=tracker_fd, fds=tuple(passed)
-        )
-        return _child.load_call(spec, request["payload"])
 
-    spec = _child.ChildSpec(*request["specs"][rank])
+def _run_rank(prepared: _Prepared, rank: int, sock: socket.socket) -> NoReturn:
+    """In a new child whose fds are in place: become ``rank``. Never returns."""
     try:
-        _payload.write_all(result_fd, struct.pack("=i", os.getpid()))  # adopt me
+        sock.detach()  # its fd is closed already; the object must never close it again
+        control_fd, result_fd = prepared.channels[rank]
+        call = prepared.call
+
+        def load() -> _child.Call:
+            if prepared.rank_env or prepared.rank_stdio[rank]:
+                _child.enter_rank(
+                    prepared.rank_env[rank] if prepared.rank_env else None,
+                    [(None, target) for target in prepared.rank_stdio[rank]],
+                )
+            _reseed()
+            return call if call is not None else _child.loads_call(prepared.payload)
+
+        _child.run_forked(
+            prepared.specs[rank], load, control_fd, result_fd, run_atexit=True,
+            process=prepared.processes[rank], stdin=_state.null_stdin,
+        )
+    finally:
+        os._exit(1)  # never back into the zygote's loop
+
+
+def _load_plain_call(request: Dict[str, Any]) -> Optional[_child.Call]:
+    """A call the caller found plain (see _payload.is_plain), unpickled once for all the
+    children; None when it is not plain or fails to load (each child then loads it and
+    reports why)."""
+    if not request.get("plain"):
+        return None
+    known = len(sys.modules)
+    try:
+        fn, args = pickle.loads(request["payload"])
     except BaseException:
-        os._exit(1)
-    _child.run_forked(spec, load, control_fd, result_fd, run_atexit=True)
+        return None
+    finally:
+        if len(sys.modules) != known:
+            _settle()  # looking fn up imported something
+    return fn, args
 
 
-def _skip_inherited_exit_finalizers() -> None:
-    # weakref.finalize objects made by the zygote's imports would run at each child's
-    # exit (torch registers thousands: ~30 ms of copy-on-write faults per child). They
-    # only tear down in-process state the child is about to lose anyway; the child's own
-    # finalizers still run at exit. (The zygote itself ends with os._exit.)
+def _set_aside_inherited_finalizers() -> None:
+    # weakref.finalize objects made by the zygote's imports must not run at each child's
+    # exit: they only tear down in-process state the child is about to lose anyway, and
+    # running them costs copy-on-write faults (torch makes hundreds). Even skipped, each
+    # would be visited at every child's exit. So they move to a registry of their own
+    # (a subclass's): they still fire when what they watch dies; the exit hook, which
+    # walks finalize's registry only, sees just the child's own.
     import weakref
 
-    for fin in list(weakref.finalize._registry):  # type: ignore[attr-defined]
-        fin.atexit = False
+    base = weakref.finalize
+    registry = base._registry  # type: ignore[attr-defined]
+    if not registry:
+        return
+    aside = _inherited_finalize_class()
+    enabled = gc.isenabled()
+    gc.disable()  # a collection between pop and insert would lose that finalizer's call
+    try:
+        for fin in list(registry):
+            info = registry.pop(fin)
+            info.atexit = False
+            fin.__class__ = aside
+            aside._registry[fin] = info  # type: ignore[attr-defined]
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _apply(request: Dict[str, Any]) -> None:
-    """The caller's context at the time of the call: environment, cwd, umask, sys.path,
-    argv, authkey. Applied in the zygote before it forks the request's children."""
+def _inherited_finalize_class() -> type:
+    import weakref
+
+    cls = _INHERITED_FINALIZE.get("cls")
+    if cls is None:
+        cls = type("finalize", (weakref.finalize,), {"__slots__": (), "_registry": {}, "__module__": "weakref"})
+        _INHERITED_FINALIZE["cls"] = cls
+    return cls
+
+
+_INHERITED_FINALIZE: Dict[str, type] = {}
+
+
+class _State:
+    """The zygote's memory between requests."""
+
+    def __init__(self) -> None:
+        self.unfit: Optional[str] = None  # from _health(), after the latest import
+        self.null_stdin: Optional[Any] = None  # what children read as sys.stdin
+
+
+_state = _State()
+
+
+def _settle() -> None:
+    """After the zygote imported something: its fitness, and its exit finalizers off."""
+    _state.unfit = _health()
+    _set_aside_inherited_finalizers()
+
+
+def _apply(context: Optional[Dict[str, Any]]) -> None:
+    """The caller's context at the time of the call (see Zygote._context): environment,
+    cwd, umask, sys.path, argv, authkey. Applied in the zygote before it forks the
+    request's children; None: the same as for the previous request."""
+    if context is None:
+        return
     from multiprocessing import process
 
-    env = request["env"]
+    env = context["env"]
     for key in [k for k in os.environ if k not in env]:
         del os.environ[key]
     for key, value in env.items():  # only what differs: each change is a putenv
         if os.environ.get(key) != value:
             os.environ[key] = value
-    os.chdir(request["cwd"])
-    os.umask(request["umask"])
-    sys.path[:] = request["sys_path"]
-    sys.argv[:] = request["argv"]
-    process.current_process().authkey = request["authkey"]
-    process.ORIGINAL_DIR = request["orig_dir"]  # type: ignore[attr-defined]
+    os.chdir(context["cwd"])
+    os.umask(context["umask"])
+    sys.path[:] = context["sys_path"]
+    sys.argv[:] = context["argv"]
+    process.current_process().authkey = context["authkey"]
+    process.ORIGINAL_DIR = context["orig_dir"]  # type: ignore[attr-defined]
 
 
-def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
-    """Fork the request's children. Replies as soon as the first one exists (the caller
-    adopts them from their own pipes meanwhile); returns a reply only if none was sent."""
+def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
+    """Fork the request's children; the reply, once all are forked."""
     # Once here rather than in every child: the zygote takes on the caller's context
     # (each request overwrites all of it), then imports fn's module in that context.
-    _apply(request)
+    _apply(request["context"])
     module = request.get("fn_module")
     if module and module not in sys.modules:
         _import(module)  # a failure shows up in the children, with its traceback
-    reason = _health()
-    if reason is not None:
-        return {"ok": False, "fallback": reason}
-    _skip_inherited_exit_finalizers()
+        _settle()
+    call = _load_plain_call(request)
+    if _state.unfit is not None:
+        return {"ok": False, "fallback": _state.unfit}
     gc.freeze()  # fewer copy-on-write faults in the children
+    prepared = _prepare(request, fds, sock.fileno(), call)
     n = request["n"]
     # Ranks [split, n) are forked by a helper child (it becomes rank `split`), the others
     # by the zygote: two processes fork at once. Only for big calls: a fork of a fork
     # costs more than the zygote's own, which pays off only when there are many.
     split = n // 2 if n >= _SPLIT_AT else n
-    try:
-        pid = _core.zygote_fork(owner)
-    except OSError as exc:
-        return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {exc}"}
-    if pid == 0:
-        _become(request, 0, 0, fds, sock, owner)
-    _send(sock, {"ok": True})
-    try:
-        if split < n and _core.zygote_fork(owner) == 0:
-            _become(request, split, n, fds, sock, owner)
-        for rank in range(1, split):
-            if _core.zygote_fork(owner) == 0:
-                _become(request, rank, 0, fds, sock, owner)
-    except Exception:
-        # Already replied: the caller sees which ranks never announced themselves.
-        log.debug("fastspawn zygote: fork failed", exc_info=True)
-    return None
+    order = [0, split, *range(1, split)] if split < n else list(range(n))
+    helper = 1 if split < n else -1
+    index, forked, error = _core.zygote_fork_many(owner, [prepared.fds[r] for r in order], helper)
+    if index >= 0 and index == helper:
+        _fork_rest(prepared, split, n, sock, owner)
+    if index >= 0:
+        _run_rank(prepared, order[index], sock)
+    if forked == 0:
+        return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {os.strerror(error)}"}
+    if error:  # the caller sees which ranks never announced themselves
+        _debug("fastspawn zygote: fork %d of %d failed: %s", forked + 1, len(order), os.strerror(error))
+    return {"ok": True}
 
 
 _SPLIT_AT = 8  # calls with at least this many children fork from two processes
 
 
-def _become(request: Dict[str, Any], rank: int, last: int, fds: List[int], sock: socket.socket, owner: int) -> None:
-    """In a new child: fork ranks rank+1..last-1 first (if any), then become ``rank``."""
+def _fork_rest(prepared: _Prepared, rank: int, last: int, sock: socket.socket, owner: int) -> NoReturn:
+    """In the helper child: fork ranks rank+1..last-1, then become ``rank``."""
     try:
-        for sibling in range(rank + 1, last):
-            try:
-                pid = _core.zygote_fork(owner)
-            except OSError:  # the caller sees which ranks never announced themselves
-                log.debug("fastspawn zygote child: fork failed", exc_info=True)
-                break
-            if pid == 0:
-                rank = sibling
-                break
+        siblings = list(range(rank + 1, last))
+        index, _forked, error = _core.zygote_fork_many(owner, [prepared.fds[r] for r in siblings])
+        if index >= 0:
+            _run_rank(prepared, siblings[index], sock)
+        if error:  # the caller sees which ranks never announced themselves
+            _debug("fastspawn zygote child: fork failed: %s", os.strerror(error))
         # Only now: the siblings forked above start in this process's group (see
         # zygote_fork) and move to groups of their own; had this one led a group
         # already, signalling its group early could hit them.
-        os.setpgid(0, 0)
+        _core.enter_child(*prepared.fds[rank])
     except BaseException:
-        os._exit(1)  # never back into the zygote's loop
-    _child_after_fork(request, rank, fds, sock)
+        os._exit(1)
+    _run_rank(prepared, rank, sock)
 
 
 def main() -> None:
@@ -278,13 +401,15 @@ def main() -> None:
     try:
         spawn.prepare(config["prep"])
     except BaseException:
-        status["main_error"] = traceback.format_exc()
+        status["main_error"] = _format_exc()
     finally:
         del current._inheriting  # type: ignore[attr-defined]
     errors = {m: e for m in config["preload"] if (e := _import(m)) is not None}
     if errors:
         status["preload_errors"] = errors
-    status["unfit"] = _health()
+    _settle()
+    status["unfit"] = _state.unfit
+    _state.null_stdin = _null_stdin()
     # No gc.collect() first: with torch imported it takes ~90 ms of every cold start,
     # and what it would free is a few cycles left by imports, shared copy-on-write.
     gc.freeze()
@@ -294,7 +419,6 @@ def main() -> None:
             request, fds = _recv(sock)
         except (EOFError, OSError):
             os._exit(0)  # the owner closed the connection (or died): we are done
-        reply: Optional[Dict[str, Any]]
         try:
             if request["op"] == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
@@ -303,11 +427,10 @@ def main() -> None:
             else:
                 reply = {"ok": False, "error": f"unknown request {request['op']!r}"}
         except BaseException:
-            reply = {"ok": False, "error": traceback.format_exc()}
+            reply = {"ok": False, "error": _format_exc()}
         finally:
             _close_all(fds)
-        if reply is not None:
-            _send(sock, reply)
+        _send(sock, reply)
 
 
 # ------------------------------------------------------------------- caller side
@@ -320,13 +443,9 @@ def _is_open(fd: int) -> bool:
 
 
 def _current_umask() -> int:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
+    mask = int(_core.current_umask())  # from /proc/self/status
+    if mask >= 0:
+        return mask
     mask = os.umask(0o022)  # no /proc: the classic read-by-setting, briefly
     os.umask(mask)
     return mask
@@ -357,6 +476,7 @@ class Zygote:
         self.key = key
         self.lock = threading.Lock()
         self.group = _core.Group(1, use_pidfd)
+        self._sent: Optional[Tuple[Any, ...]] = None  # the context the zygote has (see _context)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = ours
         try:
@@ -386,7 +506,22 @@ class Zygote:
         for module, error in status.get("preload_errors", {}).items():
             last = error.strip().splitlines()[-1]
             warnings.warn(f"fastspawn: preloading {module!r} in the zygote failed: {last}", RuntimeWarning, stacklevel=4)
-        log.debug("fastspawn: zygote pid %d started (fit: %s)", self.pid, self.unfit is None)
+        _debug("fastspawn: zygote pid %d started (fit: %s)", self.pid, self.unfit is None)
+
+    def _context(self) -> Tuple[Optional[Dict[str, Any]], Tuple[Any, ...]]:
+        """What the zygote must take on from this process (None: what it has already),
+        and the key that says so."""
+        from multiprocessing import process
+
+        env = os.environ._data  # type: ignore[attr-defined]  # bytes: compared without decoding
+        rest = (
+            os.getcwd(), _current_umask(), list(sys.path), list(sys.argv),
+            bytes(process.current_process().authkey), process.ORIGINAL_DIR,  # type: ignore[attr-defined]
+        )
+        if self._sent is not None and self._sent[1] == rest and self._sent[0] == env:
+            return None, self._sent
+        keys = ("cwd", "umask", "sys_path", "argv", "authkey", "orig_dir")
+        return {"env": dict(os.environ), **dict(zip(keys, rest))}, (dict(env), rest)
 
     def alive(self) -> bool:
         self.group.wait(0.0, False)
@@ -403,15 +538,15 @@ class Zygote:
         owner: int,
         rank_env: Optional[Sequence[Dict[str, str]]] = None,
         rank_stdio: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
+        plain: bool = False,
     ) -> Optional[str]:
         """Start ``len(specs)`` children in ``group``. Returns None, or a reason to fall back
         to fresh interpreters (then no child was left running). Raises ZygoteError if the
         zygote died mid-request (likewise leaving nothing behind).
 
         ``rank_env[i]``: variables laid over the caller's environment for rank i;
-        ``rank_stdio[i]``: ``(caller fd, target)`` pairs that become rank i's stdio."""
-        from multiprocessing import process
-
+        ``rank_stdio[i]``: ``(caller fd, target)`` pairs that become rank i's stdio;
+        ``plain``: the payload may be unpickled once for all (see _payload.is_plain)."""
         n = len(specs)
         channels: List[int] = []
         try:
@@ -426,26 +561,23 @@ class Zygote:
                 "n": n,
                 "specs": [tuple(s) for s in specs],
                 "payload": payload,
+                "plain": plain,
                 "fn_module": fn_module,
                 "tracker": tracker_fd is not None,
                 "stdio": stdio,
                 "rank_stdio": [[target for _, target in pairs] for pairs in own],
                 "rank_env": [dict(e) for e in rank_env] if rank_env else None,
-                "env": dict(os.environ),
-                "cwd": os.getcwd(),
-                "umask": _current_umask(),
-                "sys_path": list(sys.path),
-                "argv": list(sys.argv),
-                "authkey": bytes(process.current_process().authkey),
-                "orig_dir": process.ORIGINAL_DIR,  # type: ignore[attr-defined]
             }
             with self.lock:
+                request["context"], sent = self._context()
                 try:
                     _send(self.sock, request, fds)
                 finally:
                     _close_all(channels)
                     channels = []
                 reply, _ = _recv(self.sock)
+            if reply.get("ok"):
+                self._sent = sent
         except (EOFError, OSError) as exc:
             _close_all(channels)
             self._abandon(group)
