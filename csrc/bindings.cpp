@@ -4,6 +4,9 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <limits>
 #include <memory>
 #include <optional>
@@ -163,6 +166,14 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("announce_fd"), py::arg("dup2s"), py::arg("close_fds"),
         "In a zygote child forked with `deferred`: own process group, stdio, closes, announce.");
+    m.def(
+        "trim_heap",
+        [] {
+#ifdef __GLIBC__
+            ::malloc_trim(0);
+#endif
+        },
+        "Give the C heap's free pages back to the system (fewer pages for each fork to copy).");
     m.def("current_umask", &fastspawn::current_umask,
           "This process's umask, read without changing it (-1 where /proc cannot tell).");
 

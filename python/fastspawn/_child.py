@@ -17,7 +17,7 @@ import multiprocessing.util
 import os
 import pickle
 import sys
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from . import _payload
 
@@ -66,14 +66,30 @@ def _send_return(result_fd: int, value: Any) -> None:
     _payload.write_all(result_fd, _payload.encode_return(value))
 
 
-def make_process(spec: ChildSpec) -> Any:
-    """The multiprocessing Process object a child runs in (started only by _bootstrap)."""
-    ctx = multiprocessing.get_context(spec.start_method)
-    proc = ctx.Process(target=_call, name=spec.name, daemon=spec.daemon)  # type: ignore[attr-defined]
+def make_process(spec: ChildSpec, like: Any = None) -> Any:
+    """The multiprocessing Process object a child runs in (started only by _bootstrap).
+
+    ``like``: one made for a sibling of the same call, copied instead of constructing
+    anew (only name and identity differ between siblings)."""
+    if like is None:
+        ctx = multiprocessing.get_context(spec.start_method)
+        proc = ctx.Process(target=_call, name=spec.name, daemon=spec.daemon)  # type: ignore[attr-defined]
+    else:
+        proc = object.__new__(type(like))
+        proc.__dict__.update(like.__dict__)
+        proc._name = spec.name
     proc._identity = spec.identity
     proc._parent_pid = spec.parent_pid
     proc._parent_name = spec.parent_name
     return proc
+
+
+def make_processes(specs: Sequence[ChildSpec]) -> List[Any]:
+    """:func:`make_process` for all the ranks of one call."""
+    procs: List[Any] = []
+    for spec in specs:
+        procs.append(make_process(spec, procs[0] if procs else None))
+    return procs
 
 
 def _bootstrap(

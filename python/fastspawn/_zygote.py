@@ -199,7 +199,7 @@ def _prepare(request: Dict[str, Any], fds: List[int], sock_fd: int, call: Option
         _child.adopt_inherited(specs[0])  # the same for every rank: done once, inherited
     return _Prepared(
         specs=specs,
-        processes=[_child.make_process(spec) for spec in specs],
+        processes=_child.make_processes(specs),
         fds=plans,
         channels=[(fds[2 * rank], fds[2 * rank + 1]) for rank in range(n)],
         rank_env=request["rank_env"],
@@ -305,6 +305,7 @@ def _settle() -> None:
     """After the zygote imported something: its fitness, and its exit finalizers off."""
     _state.unfit = _health()
     _set_aside_inherited_finalizers()
+    _core.trim_heap()
 
 
 def _apply(context: Optional[Dict[str, Any]]) -> None:
@@ -329,8 +330,9 @@ def _apply(context: Optional[Dict[str, Any]]) -> None:
     process.ORIGINAL_DIR = context["orig_dir"]  # type: ignore[attr-defined]
 
 
-def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
-    """Fork the request's children; the reply, once all are forked."""
+def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
+    """Fork the request's children. Returns the reply when not all could be forked, and
+    None when they were (the caller learns it from their announcements)."""
     # Once here rather than in every child: the zygote takes on the caller's context
     # (each request overwrites all of it), then imports fn's module in that context.
     _apply(request["context"])
@@ -357,9 +359,9 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
         _run_rank(prepared, order[index], sock)
     if forked == 0:
         return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {os.strerror(error)}"}
-    if error:  # the caller sees which ranks never announced themselves
-        _debug("fastspawn zygote: fork %d of %d failed: %s", forked + 1, len(order), os.strerror(error))
-    return {"ok": True}
+    if error:  # the helper (if any) forks on; the caller sees who never announced itself
+        return {"ok": False, "error": f"fork {forked + 1} of {len(order)} failed: {os.strerror(error)}"}
+    return None  # all forked: the children's announcements are the answer
 
 
 _SPLIT_AT = 8  # calls with at least this many children fork from two processes
@@ -419,6 +421,7 @@ def main() -> None:
             request, fds = _recv(sock)
         except (EOFError, OSError):
             os._exit(0)  # the owner closed the connection (or died): we are done
+        reply: Optional[Dict[str, Any]]
         try:
             if request["op"] == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
@@ -430,7 +433,8 @@ def main() -> None:
             reply = {"ok": False, "error": _format_exc()}
         finally:
             _close_all(fds)
-        _send(sock, reply)
+        if reply is not None:
+            _send(sock, reply)
 
 
 # ------------------------------------------------------------------- caller side
@@ -575,9 +579,14 @@ class Zygote:
                 finally:
                     _close_all(channels)
                     channels = []
+                # Each child announces itself on its own pipe as soon as it exists; the
+                # zygote replies only when it did not start them all (it has closed the
+                # pipes of the others by then, so adopt() returns).
+                adopted = group.adopt(_ADOPT_TIMEOUT)
+                if len(adopted) == n:
+                    self._sent = sent
+                    return None
                 reply, _ = _recv(self.sock)
-            if reply.get("ok"):
-                self._sent = sent
         except (EOFError, OSError) as exc:
             _close_all(channels)
             self._abandon(group)
@@ -585,9 +594,6 @@ class Zygote:
                 f"fastspawn: the zygote (pid {self.pid}) died while starting {n} children; "
                 "the children it had started were stopped"
             ) from exc
-        adopted = group.adopt(_ADOPT_TIMEOUT)
-        if reply.get("ok") and len(adopted) == n:
-            return None
         group.stop(0.0)
         if reply.get("error"):
             raise ZygoteError(f"fastspawn: the zygote failed to start children:\n{reply['error']}")
