@@ -536,3 +536,17 @@ def test_every_rank_is_a_child_of_the_caller_leading_its_own_group(fresh_zygote,
     for _rank, pid, ppid, pgid in reports:
         assert ppid == os.getpid()
         assert pgid == pid
+
+
+def test_a_fork_failing_mid_call_raises_and_leaves_nothing(fresh_zygote, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    fastspawn.preload(["_zygote_fork_fails"])
+    q = _queue()
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)  # one child: no failure
+    assert q.get()[0] == 0
+    before = set(_children())
+    with pytest.raises(fastspawn.ZygoteError, match="fork 2 of 3 failed"):
+        fastspawn.spawn(workers.sleep_forever, args=(q,), nprocs=3)
+    assert set(_children()) == before  # the child it had forked was stopped
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)
+    assert q.get()[0] == 0
