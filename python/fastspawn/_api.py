@@ -688,7 +688,8 @@ def _launch(
             run.stop(0.0)
             raise
     else:
-        payload, pass_fds = _payload.dumps_call(fn, args)
+        plain = _payload.is_plain(fn, args)
+        payload, pass_fds = _payload.dumps_call(fn, args, plain)
         preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
         tracker_fd = _tracker_fd() if nprocs else None
         run = None
@@ -701,7 +702,7 @@ def _launch(
                     reason = zygote.spawn(
                         run.group, specs, payload, pass_fds, tracker_fd,
                         None if module == "__main__" else module, os.getpid(),
-                        envs, stdio.pairs, plain=not pass_fds and _payload.is_plain(fn, args),
+                        envs, stdio.pairs, plain=plain,
                     )
                 except BaseException:
                     run.stop(0.0)

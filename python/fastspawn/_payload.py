@@ -93,11 +93,17 @@ def _explain(exc: BaseException, where: str) -> BaseException:
         return exc
 
 
-def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[bytes, List[int]]:
+def dumps_call(fn: Callable[..., Any], args: Sequence[Any], plain: bool = False) -> Tuple[bytes, List[int]]:
     """Pickle ``(fn, args)`` as spawn does. Returns the bytes and the fds to pass on.
 
     On failure raises the pickler's own exception type, naming ``fn`` or ``args[i]``.
+    ``plain`` (see :func:`is_plain`): nothing in the call needs multiprocessing's reducers.
     """
+    if plain:
+        try:
+            return pickle.dumps((fn, tuple(args)), pickle.HIGHEST_PROTOCOL), []
+        except Exception:
+            pass  # said again below, with the culprit named
     popen = SpawningPopen()
     mp_context.set_spawning_popen(popen)
     try:
