@@ -5,7 +5,6 @@ the outcome, the report, and what the ranks recorded."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
