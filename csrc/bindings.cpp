@@ -114,15 +114,6 @@ PYBIND11_MODULE(_core, m) {
         "Returns False if `owner` is already gone.");
 
     m.def(
-        "zygote_fork",
-        [](int owner) {
-            return python_fork([owner] { return fastspawn::zygote_fork(static_cast<pid_t>(owner)); });
-        },
-        py::arg("owner"),
-        "In the zygote: fork a child of the zygote's parent (clone CLONE_PARENT). Returns 0 "
-        "in the child, whose parent-death guard watches `owner`.");
-
-    m.def(
         "zygote_fork_many",
         [](int owner, const std::vector<ChildSpecFds>& children, int deferred) -> py::tuple {
             std::vector<fastspawn::ChildFds> plans;
@@ -153,8 +144,8 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(-1, forked, error);
         },
         py::arg("owner"), py::arg("children"), py::arg("deferred") = -1,
-        "In the zygote: fork len(children) children of the caller back to back (see "
-        "zygote_fork). children[i] is (announce_fd, [(src, dst) dup2s], [fds to close]), "
+        "In the zygote: fork len(children) children of the caller back to back, each with "
+        "clone(CLONE_PARENT) and its parent-death guard armed against `owner`. children[i] is (announce_fd, [(src, dst) dup2s], [fds to close]), "
         "applied in child i before Python resumes there, except in child `deferred`, which "
         "applies its own later with enter_child. Returns (i, 0, 0) in child i and "
         "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did).");

@@ -20,10 +20,10 @@ import struct
 import sys
 import threading
 import warnings
+import weakref
 from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import _child, _core, _payload
-
 
 
 def _debug(message: str, *args: Any) -> None:
@@ -38,6 +38,7 @@ def _format_exc() -> str:
     import traceback
 
     return traceback.format_exc()
+
 
 BOOTSTRAP = "from fastspawn._zygote import main; main()"
 
@@ -257,37 +258,30 @@ def _set_aside_inherited_finalizers() -> None:
     # would be visited at every child's exit. So they move to a registry of their own
     # (a subclass's): they still fire when what they watch dies; the exit hook, which
     # walks finalize's registry only, sees just the child's own.
-    import weakref
-
-    base = weakref.finalize
-    registry = base._registry  # type: ignore[attr-defined]
+    registry = weakref.finalize._registry  # type: ignore[attr-defined]
     if not registry:
         return
-    aside = _inherited_finalize_class()
     enabled = gc.isenabled()
     gc.disable()  # a collection between pop and insert would lose that finalizer's call
     try:
         for fin in list(registry):
             info = registry.pop(fin)
             info.atexit = False
-            fin.__class__ = aside
-            aside._registry[fin] = info  # type: ignore[attr-defined]
+            fin.__class__ = _InheritedFinalize
+            _InheritedFinalize._registry[fin] = info  # type: ignore[attr-defined]
     finally:
         if enabled:
             gc.enable()
 
 
-def _inherited_finalize_class() -> type:
-    import weakref
+class _InheritedFinalize(weakref.finalize):
+    """Finalizers made by the zygote's imports, in a registry of their own."""
 
-    cls = _INHERITED_FINALIZE.get("cls")
-    if cls is None:
-        cls = type("finalize", (weakref.finalize,), {"__slots__": (), "_registry": {}, "__module__": "weakref"})
-        _INHERITED_FINALIZE["cls"] = cls
-    return cls
+    __slots__ = ()
+    _registry: Dict[Any, Any] = {}
 
 
-_INHERITED_FINALIZE: Dict[str, type] = {}
+_InheritedFinalize.__name__ = _InheritedFinalize.__qualname__ = "finalize"  # as shown in reprs
 
 
 class _State:
@@ -425,8 +419,6 @@ def main() -> None:
         try:
             if request["op"] == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
-            elif request["op"] == "ping":
-                reply = {"ok": True}
             else:
                 reply = {"ok": False, "error": f"unknown request {request['op']!r}"}
         except BaseException:
