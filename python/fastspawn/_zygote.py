@@ -3,22 +3,43 @@ forks children on request, so that a spawned child costs a fork instead of a fre
 interpreter plus every import.
 
 Both sides live here: :class:`Zygote` is the caller's handle, :func:`main` is the zygote
-process. They talk over an inherited socketpair (nothing on the filesystem): a request
-is a length-prefixed pickle of builtins followed by its file descriptors (SCM_RIGHTS).
-Children are created with clone(CLONE_PARENT), so they are the caller's own children.
-Each announces its pid on its result pipe; the caller's engine adopts it from there, so
-a zygote that dies mid-request cannot leave unknown children behind.
+process. They talk over an inherited socketpair (nothing on the filesystem). A message is
+a length-prefixed pickle of builtins; a request's file descriptors follow it (SCM_RIGHTS,
+received with MSG_CMSG_CLOEXEC). Children are created with clone(CLONE_PARENT), so they
+are the caller's own children; each announces its pid on its result pipe.
+
+The protocol always answers:
+
+* the zygote's first message is ``{"id": 0, "op": "ready", ...}``;
+* a request ``{"id": k, "op": "spawn", "n": n, ...}`` gets exactly one reply
+  ``{"id": k, "pids": [...], "error"?: str, "errno"?: int, "fallback"?: str}``, sent right
+  after forking. ``pids[r]`` is rank r's pid, 0 when it was never forked, -1 when whether it
+  was is unknown (then it announces itself or its pipe closes). A call of at least
+  ``_SPLIT_AT`` ranks has a helper child fork half of them; it reports its pids (or why a
+  fork failed) to the zygote over a socketpair made for that request;
+* the caller bounds every wait on the zygote (start-up and each reply) by
+  :func:`zygote_timeout` seconds. Past it, or on any exception mid-request, that zygote is
+  retired (SIGKILL, reaped) and what the request started is stopped; a zygote stuck in its
+  imports is asked for its Python stack (SIGUSR1 makes it dump the stack to a socket and
+  die), which the caller names in the fallback warning. A staleness key whose zygote got
+  stuck or died while starting is not tried again by this process.
 """
 
 from __future__ import annotations
 
+import array
+import errno
+import faulthandler
 import gc
+import itertools
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
@@ -42,8 +63,24 @@ def _format_exc() -> str:
 
 BOOTSTRAP = "from fastspawn._zygote import main; main()"
 
+TIMEOUT_ENV = "FASTSPAWN_ZYGOTE_TIMEOUT"
+DEFAULT_TIMEOUT = 10.0  # seconds; see zygote_timeout()
+
 _FDS_PER_MESSAGE = 250  # below the kernel's SCM_MAX_FD (253)
-_ADOPT_TIMEOUT = 30.0  # a forked child announces itself at once; this only bounds disasters
+_STACK_WAIT = 2.0  # seconds the caller waits for a stuck zygote's stack dump
+_STACK_FRAMES = 4  # innermost frames of that stack named in the warning
+_UNKNOWN = -1  # in a reply's pids: the rank may have been forked, its pid is not known
+
+
+def zygote_timeout() -> float:
+    """Seconds any wait on the zygote may last (its start-up, each reply):
+    ``FASTSPAWN_ZYGOTE_TIMEOUT`` as read now, :data:`DEFAULT_TIMEOUT` when unset or invalid."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
 
 
 class ZygoteError(RuntimeError):
@@ -51,16 +88,30 @@ class ZygoteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- wire
-def _send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = ()) -> None:
+def _limit(sock: socket.socket, deadline: Optional[float]) -> None:
+    """The socket's next operation may last until ``deadline`` (None: no limit)."""
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("fastspawn: zygote deadline passed")
+    sock.settimeout(left)
+
+
+def _send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = (), deadline: Optional[float] = None) -> None:
     message = dict(message, nfds=len(fds))
+    _limit(sock, deadline)
     sock.sendall(_payload.frame(pickle.dumps(message, pickle.HIGHEST_PROTOCOL)))
     for start in range(0, len(fds), _FDS_PER_MESSAGE):
+        _limit(sock, deadline)
         socket.send_fds(sock, [b"F"], list(fds[start : start + _FDS_PER_MESSAGE]))
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def _recv_exact(sock: socket.socket, size: int, deadline: Optional[float]) -> bytes:
     chunks = []
     while size:
+        _limit(sock, deadline)
         data = sock.recv(min(size, 1 << 20))
         if not data:
             raise EOFError("zygote connection closed")
@@ -69,17 +120,34 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv(sock: socket.socket) -> Tuple[Dict[str, Any], List[int]]:
-    (size,) = struct.unpack("<Q", _recv_exact(sock, 8))
-    message = pickle.loads(_recv_exact(sock, size))
+def _scm_rights(ancdata: List[Tuple[int, int, bytes]]) -> List[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def _recv(sock: socket.socket, deadline: Optional[float] = None) -> Tuple[Dict[str, Any], List[int], bool]:
+    """One message and its fds (close-on-exec), and whether the kernel dropped some of
+    them (MSG_CTRUNC: no room for them, EMFILE). Waits until ``deadline`` at most."""
+    (size,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+    message = pickle.loads(_recv_exact(sock, size, deadline))
     fds: List[int] = []
-    while len(fds) < message["nfds"]:
-        want = min(_FDS_PER_MESSAGE, message["nfds"] - len(fds))
-        data, got, _flags, _addr = socket.recv_fds(sock, 1, want)
-        if not data:
-            raise EOFError("zygote connection closed")
-        fds.extend(got)
-    return message, fds
+    truncated = False
+    try:
+        for start in range(0, message["nfds"], _FDS_PER_MESSAGE):
+            want = min(_FDS_PER_MESSAGE, message["nfds"] - start)
+            _limit(sock, deadline)
+            data, ancdata, flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(want * 4), socket.MSG_CMSG_CLOEXEC)
+            if not data:
+                raise EOFError("zygote connection closed")
+            fds.extend(_scm_rights(ancdata))
+            truncated = truncated or bool(flags & socket.MSG_CTRUNC)
+    except BaseException:
+        _close_all(fds)
+        raise
+    return message, fds, truncated
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -134,6 +202,10 @@ def _health() -> Optional[str]:
         initialized = False
     if initialized:
         return "CUDA was initialised during the zygote's imports"
+    check = getattr(_core, "zygote_fork_check", None)  # until the launch branch is merged
+    reason = check() if check is not None else None
+    if reason:
+        return f"the zygote cannot fork pristine children: {reason}"
     return None
 
 
@@ -173,8 +245,9 @@ class _Prepared(NamedTuple):
     call: Optional[_child.Call]  # the payload unpickled, if plain (see _load_plain_call)
 
 
-def _prepare(request: Dict[str, Any], fds: List[int], sock_fd: int, call: Optional[_child.Call]) -> _Prepared:
+def _prepare(request: Dict[str, Any], fds: List[int], private: Sequence[int], call: Optional[_child.Call]) -> _Prepared:
     # fds: 2 channels per rank, pass_fds, [tracker], the caller's stdio, per-rank stdio.
+    # private: the zygote's own fds (its socket, ...), which no child keeps.
     n = request["n"]
     stdio = request["stdio"]
     rank_stdio = request["rank_stdio"]
@@ -183,8 +256,8 @@ def _prepare(request: Dict[str, Any], fds: List[int], sock_fd: int, call: Option
     tracker_fd = passed.pop() if request["tracker"] else None
     callers = list(zip(fds[end - len(stdio) : end], stdio))  # the caller's stdin/out/err of now
     # Every rank closes the others' channels, every stdio source (once in place) and the
-    # zygote's socket. A source never sits on 0..2 unless the zygote had those closed.
-    shared = [fd for fd, _ in callers] + fds[end:] + [sock_fd]
+    # zygote's own fds. A source never sits on 0..2 unless the zygote had those closed.
+    shared = [fd for fd, _ in callers] + fds[end:] + list(private)
     plans = []
     first = end
     for rank in range(n):
@@ -213,6 +286,7 @@ def _prepare(request: Dict[str, Any], fds: List[int], sock_fd: int, call: Option
 def _run_rank(prepared: _Prepared, rank: int, sock: socket.socket) -> NoReturn:
     """In a new child whose fds are in place: become ``rank``. Never returns."""
     try:
+        faulthandler.unregister(signal.SIGUSR1)  # the zygote's stack request, not the rank's
         sock.detach()  # its fd is closed already; the object must never close it again
         control_fd, result_fd = prepared.channels[rank]
         call = prepared.call
@@ -290,6 +364,7 @@ class _State:
     def __init__(self) -> None:
         self.unfit: Optional[str] = None  # from _health(), after the latest import
         self.null_stdin: Optional[Any] = None  # what children read as sys.stdin
+        self.stack_fd = -1  # where SIGUSR1 dumps the zygote's stack (see main)
 
 
 _state = _State()
@@ -324,9 +399,9 @@ def _apply(context: Optional[Dict[str, Any]]) -> None:
     process.ORIGINAL_DIR = context["orig_dir"]  # type: ignore[attr-defined]
 
 
-def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Optional[Dict[str, Any]]:
-    """Fork the request's children. Returns the reply when not all could be forked, and
-    None when they were (the caller learns it from their announcements)."""
+def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
+    """Fork the request's children; the reply (see the module's docstring)."""
+    n = request["n"]
     # Once here rather than in every child: the zygote takes on the caller's context
     # (each request overwrites all of it), then imports fn's module in that context.
     _apply(request["context"])
@@ -336,52 +411,106 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
         _settle()
     call = _load_plain_call(request)
     if _state.unfit is not None:
-        return {"ok": False, "fallback": _state.unfit}
+        return {"pids": [0] * n, "fallback": _state.unfit}
     gc.freeze()  # fewer copy-on-write faults in the children
-    prepared = _prepare(request, fds, sock.fileno(), call)
-    n = request["n"]
     # Ranks [split, n) are forked by a helper child (it becomes rank `split`), the others
     # by the zygote: two processes fork at once. Only for big calls: a fork of a fork
     # costs more than the zygote's own, which pays off only when there are many.
     split = n // 2 if n >= _SPLIT_AT else n
     order = [0, split, *range(1, split)] if split < n else list(range(n))
     helper = 1 if split < n else -1
-    index, forked, error = _core.zygote_fork_many(owner, [prepared.fds[r] for r in order], helper)
-    if index >= 0 and index == helper:
-        _fork_rest(prepared, split, n, sock, owner)
-    if index >= 0:
-        _run_rank(prepared, order[index], sock)
-    if forked == 0:
-        return {"ok": False, "fallback": f"clone(CLONE_PARENT) failed: {os.strerror(error)}"}
-    if error:  # the helper (if any) forks on; the caller sees who never announced itself
-        return {"ok": False, "error": f"fork {forked + 1} of {len(order)} failed: {os.strerror(error)}"}
-    return None  # all forked: the children's announcements are the answer
+    report = socket.socketpair() if split < n else None
+    ours, theirs = (report[0].detach(), report[1].detach()) if report else (-1, -1)
+    try:
+        private = [sock.fileno(), _state.stack_fd, *([ours, theirs] if report else [])]
+        prepared = _prepare(request, fds, private, call)
+        forks = _core.zygote_fork_many(owner, [prepared.fds[r] for r in order], helper)
+        index, forked, error = forks[:3]
+        if index >= 0:
+            if index == helper:
+                os.close(ours)
+                _fork_rest(prepared, split, n, sock, owner, theirs)
+            _run_rank(prepared, order[index], sock)
+        _close_all([theirs] if report else [])
+        theirs = -1
+        pids = [0] * n
+        for i, pid in enumerate(forks[3] if len(forks) > 3 else [_UNKNOWN] * forked):  # pids: see R1
+            pids[order[i]] = pid
+        reply: Dict[str, Any] = {"pids": pids}
+        if forked == 0:
+            reply["fallback"] = f"clone(CLONE_PARENT) failed: {os.strerror(error)}"
+        elif error:
+            reply.update(error=f"fork {forked + 1} of {len(order)} failed: {os.strerror(error)}", errno=error)
+        if forked > helper >= 0:
+            _helper_report(reply, socket.socket(fileno=ours), range(split + 1, n))
+            ours = -1
+        return reply
+    finally:
+        _close_all([fd for fd in (ours, theirs) if fd >= 0])
+
+
+def _helper_report(reply: Dict[str, Any], report: socket.socket, ranks: range) -> None:
+    """Adds to ``reply`` what the helper child forked (ranks ``ranks``), as it reports."""
+    pids = reply["pids"]
+    with report:
+        try:
+            message, _, _ = _recv(report, time.monotonic() + zygote_timeout() / 2)
+        except (OSError, EOFError) as exc:  # died or stuck: its ranks may or may not exist
+            for rank in ranks:
+                pids[rank] = _UNKNOWN
+            reply.setdefault("error", f"the zygote's helper child did not report its forks ({exc!r})")
+            return
+    for rank, pid in zip(ranks, message["pids"]):
+        pids[rank] = pid
+    if message["errno"]:
+        forked = len(message["pids"])
+        text = f"the helper's fork {forked + 1} of {len(ranks)} failed: {os.strerror(message['errno'])}"
+        reply.setdefault("error", text)
+        reply.setdefault("errno", message["errno"])
 
 
 _SPLIT_AT = 8  # calls with at least this many children fork from two processes
 
 
-def _fork_rest(prepared: _Prepared, rank: int, last: int, sock: socket.socket, owner: int) -> NoReturn:
-    """In the helper child: fork ranks rank+1..last-1, then become ``rank``."""
+def _fork_rest(prepared: _Prepared, rank: int, last: int, sock: socket.socket, owner: int, report: int) -> NoReturn:
+    """In the helper child: fork ranks rank+1..last-1, report their pids to the zygote
+    over ``report``, then become ``rank``."""
     try:
+        # What the zygote holds for its caller: a zygote that dies must not stay
+        # reachable through this process (its socket's end of file, its stack).
+        faulthandler.unregister(signal.SIGUSR1)
+        os.close(sock.detach())
+        os.close(_state.stack_fd)
         siblings = list(range(rank + 1, last))
-        index, _forked, error = _core.zygote_fork_many(owner, [prepared.fds[r] for r in siblings])
+        forks = _core.zygote_fork_many(owner, [prepared.fds[r] for r in siblings])
+        index, forked, error = forks[:3]
         if index >= 0:
             _run_rank(prepared, siblings[index], sock)
-        if error:  # the caller sees which ranks never announced themselves
-            _debug("fastspawn zygote child: fork failed: %s", os.strerror(error))
+        pids = list(forks[3]) if len(forks) > 3 else [_UNKNOWN] * forked
+        try:
+            with socket.socket(fileno=report) as channel:
+                _send(channel, {"pids": pids, "errno": error})
+        except OSError:
+            pass  # the zygote is gone: the caller learns of us from our announcements
         # Only now: the siblings forked above start in this process's group (see
         # zygote_fork) and move to groups of their own; had this one led a group
         # already, signalling its group early could hit them.
         _core.enter_child(*prepared.fds[rank])
+        if error:
+            os._exit(1)  # the call failed (the zygote says so): no rank runs for it
     except BaseException:
         os._exit(1)
     _run_rank(prepared, rank, sock)
 
 
 def main() -> None:
-    """The zygote process: ``python -c BOOTSTRAP CONTROL_FD RESULT_FD OWNER``."""
-    control_fd, _result_fd, owner = (int(a) for a in sys.argv[-3:])
+    """The zygote process: ``python -c BOOTSTRAP STACK_FD CONTROL_FD RESULT_FD OWNER``."""
+    stack_fd, control_fd, result_fd, owner = (int(a) for a in sys.argv[-4:])
+    # First of all: SIGUSR1 dumps this process's Python stack to the caller, then ends it
+    # (chained to the default action), so that an import stuck below can be located.
+    os.set_inheritable(stack_fd, False)
+    faulthandler.register(signal.SIGUSR1, file=stack_fd, all_threads=False, chain=True)
+    _state.stack_fd = stack_fd
     if not _core.arm_parent_death(owner):
         os._exit(1)
     del sys.argv[1:]
@@ -389,9 +518,10 @@ def main() -> None:
 
     with os.fdopen(control_fd, "rb") as control:
         config = pickle.loads(_payload.read_frame(control))
-    os.close(_result_fd)  # the zygote reports over its socket; children get only their own
+    os.close(result_fd)  # the zygote reports over its socket; children get only their own
+    os.set_inheritable(config["sock_fd"], False)  # inherited without O_CLOEXEC
     sock = socket.socket(fileno=config["sock_fd"])
-    status: Dict[str, Any] = {"op": "ready", "pid": os.getpid()}
+    status: Dict[str, Any] = {"id": 0, "op": "ready", "pid": os.getpid()}
     current = process.current_process()
     current._inheriting = True  # type: ignore[attr-defined]
     try:
@@ -412,21 +542,29 @@ def main() -> None:
     _send(sock, status)
     while True:
         try:
-            request, fds = _recv(sock)
+            request, fds, truncated = _recv(sock)
         except (EOFError, OSError):
             os._exit(0)  # the owner closed the connection (or died): we are done
-        reply: Optional[Dict[str, Any]]
+        n = request.get("n", 0)
         try:
-            if request["op"] == "spawn":
+            if truncated:  # EMFILE: the fds that did arrive are useless without the rest
+                reply = {
+                    "pids": [0] * n,
+                    "errno": errno.EMFILE,
+                    "error": f"the zygote (pid {os.getpid()}) could not receive the call's {request['nfds']} "
+                    f"file descriptors (only {len(fds)} arrived: {os.strerror(errno.EMFILE)})",
+                }
+            elif request.get("op") == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
             else:
-                reply = {"ok": False, "error": f"unknown request {request['op']!r}"}
+                reply = {"pids": [0] * n, "error": f"unknown request {request.get('op')!r}"}
         except BaseException:
-            reply = {"ok": False, "error": _format_exc()}
+            # Whatever it forked announces itself, or its pipe closes with ours below.
+            reply = {"pids": [_UNKNOWN] * n, "error": _format_exc()}
         finally:
             _close_all(fds)
-        if reply is not None:
-            _send(sock, reply)
+        reply["id"] = request.get("id")
+        _send(sock, reply)
 
 
 # ------------------------------------------------------------------- caller side
@@ -463,37 +601,77 @@ def staleness_key(preparation: Dict[str, Any], preload: Sequence[str]) -> Tuple[
     return (_main_file(preparation), tuple(preparation.get("sys_path", ())), tuple(preload))
 
 
+# Staleness keys whose zygote got stuck or crashed: this process starts no other for them.
+_given_up: Dict[Tuple[Any, ...], str] = {}
+
+
+def _innermost(dump: str) -> str:
+    """The innermost frames of a faulthandler dump, on one line."""
+    frames = []
+    for line in dump.splitlines():
+        line = line.strip()
+        if line.startswith('File "') and '", line ' in line:
+            path, rest = line[len('File "') :].split('", line ', 1)
+            number, _, name = rest.partition(" in ")
+            frames.append(f"{path}:{number} in {name}")
+    return " <- ".join(frames[:_STACK_FRAMES])
+
+
 class Zygote:
-    """The caller's handle on one zygote process."""
+    """The caller's handle on one zygote process.
+
+    Every wait on it is bounded by :func:`zygote_timeout`; a zygote that misses a
+    deadline, dies, or sees a request interrupted is retired (killed and reaped).
+    """
 
     def __init__(self, key: Tuple[Any, ...], preparation: Dict[str, Any], preload: Sequence[str], use_pidfd: bool) -> None:
         from multiprocessing import spawn as mp_spawn
 
+        if key in _given_up:  # stuck or crashed before: fresh interpreters for this key
+            raise ZygoteError(f"fastspawn: {_given_up[key]}")
         self.key = key
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one request at a time; only bounded waits under it
         self.group = _core.Group(1, use_pidfd)
+        self.pid = -1
+        self.unfit: Optional[str] = None
+        self.retired = False
         self._sent: Optional[Tuple[Any, ...]] = None  # the context the zygote has (see _context)
+        self._ids = itertools.count(1)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stacks, stack_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = ours
+        self._stacks = stacks  # where the zygote dumps its stack on SIGUSR1 (see main)
         try:
             config = {"sock_fd": theirs.fileno(), "prep": preparation, "preload": list(preload)}
             chunk = _core.Chunk(_payload.frame(_payload.dumps_preparation(config)))
             exe = mp_spawn.get_executable()
-            argv = [exe, *_interpreter_flags(), "-c", BOOTSTRAP]
-            self.group.start_exec(0, exe, argv, [theirs.fileno()], [chunk])
+            argv = [exe, *_interpreter_flags(), "-c", BOOTSTRAP, str(stack_end.fileno())]
+            self.group.start_exec(0, exe, argv, [theirs.fileno(), stack_end.fileno()], [chunk])
+            self.pid = self.group.pid(0)
         except BaseException:
-            ours.close()
+            self._retire()
             self.group.stop(0.0)
             raise
         finally:
             theirs.close()
-        self.pid = self.group.pid(0)
+            stack_end.close()
+        timeout = zygote_timeout()
         try:
-            status, _ = _recv(self.sock)
-        except (EOFError, OSError) as exc:
-            self.close()
-            raise ZygoteError(f"fastspawn: the zygote (pid {self.pid}) died while starting up") from exc
-        self.unfit: Optional[str] = None
+            status = self._reply(0, time.monotonic() + timeout)
+        except BaseException as exc:
+            reason = None
+            try:
+                if isinstance(exc, TimeoutError):
+                    reason = self._stuck(f"did not finish starting within {timeout:g} s", "its import is stuck at")
+                elif isinstance(exc, (OSError, EOFError)):
+                    reason = f"the zygote (pid {self.pid}) died while starting up ({self._ending()})"
+            finally:
+                self._retire()
+                self.group.stop(0.0)  # nothing forks at start-up: its process group goes too
+            if reason is None:
+                raise
+            _given_up[key] = reason
+            raise ZygoteError(f"fastspawn: {reason}") from exc
         if status.get("main_error"):
             last = status["main_error"].strip().splitlines()[-1]
             self.unfit = f"the main module cannot be imported in the zygote ({last})"
@@ -503,6 +681,71 @@ class Zygote:
             last = error.strip().splitlines()[-1]
             warnings.warn(f"fastspawn: preloading {module!r} in the zygote failed: {last}", RuntimeWarning, stacklevel=4)
         _debug("fastspawn: zygote pid %d started (fit: %s)", self.pid, self.unfit is None)
+
+    def _reply(self, request_id: int, deadline: float) -> Dict[str, Any]:
+        """The zygote's answer to request ``request_id``, by ``deadline`` (TimeoutError)."""
+        message, fds, _ = _recv(self.sock, deadline)
+        _close_all(fds)  # the zygote sends none
+        if message.get("id") != request_id:
+            raise OSError(errno.EPROTO, f"zygote answered request {message.get('id')!r}, not {request_id}")
+        return message
+
+    def _stuck(self, what: str, where: str) -> str:
+        """Why this zygote is given up: ``what`` it failed to do in time, and ``where``
+        its Python stack was (asking for the stack ends the zygote)."""
+        frames = ""
+        chunks = []
+        if self.group.send_signal(0, signal.SIGUSR1):
+            deadline = time.monotonic() + _STACK_WAIT
+            try:
+                while True:  # the dump ends when the zygote does (end of file)
+                    _limit(self._stacks, deadline)
+                    data = self._stacks.recv(1 << 16)
+                    if not data:
+                        break
+                    chunks.append(data)
+            except OSError:
+                pass  # time is up: what arrived is all there is
+            frames = _innermost(b"".join(chunks).decode("utf-8", "replace"))
+        place = f"; {where}: {frames}" if frames else "; its Python stack could not be read"
+        return f"the zygote (pid {self.pid}) {what} ({TIMEOUT_ENV}){place}"
+
+    def _ending(self) -> str:
+        """How the zygote ended, once it has (bounded wait; what it left in its process
+        group is killed when it is reaped)."""
+        self.group.begin_stop()
+        exits = self.group.wait(getattr(_core, "KILL_WAIT", 5.0), True)
+        if not exits:
+            return "still running"
+        code = exits[-1][2]
+        if code is None:
+            return "exit status unknown"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def _retire(self) -> None:
+        """This zygote serves no more: SIGKILL to it (not to its process group: a helper
+        child may still be forking ranks, which must live to announce themselves), and
+        no more talking to it. Reaped by :meth:`close` or the group's stop."""
+        self.retired = True
+        self.group.send_signal(0, signal.SIGKILL)
+        self.sock.close()
+        self._stacks.close()
+
+    def _abandon(self, group: Any) -> None:
+        """A request went wrong: retire this zygote, then stop whatever the request started."""
+        try:
+            self._retire()
+            # Each forked child announces itself on its pipe; every other pipe closes once
+            # the zygote (dead now) and its helper child (done soon) have closed their copies.
+            group.adopt(zygote_timeout())
+            self.group.stop(0.0)  # reaps the zygote; kills what is left in its process group
+        finally:
+            group.stop(0.0)
 
     def _context(self) -> Tuple[Optional[Dict[str, Any]], Tuple[Any, ...]]:
         """What the zygote must take on from this process (None: what it has already),
@@ -520,6 +763,9 @@ class Zygote:
         return {"env": dict(os.environ), **dict(zip(keys, rest))}, (dict(env), rest)
 
     def alive(self) -> bool:
+        """Whether this zygote can take requests (not retired, still running)."""
+        if self.retired:
+            return False
         self.group.wait(0.0, False)
         return bool(self.group.running(0))
 
@@ -538,78 +784,119 @@ class Zygote:
     ) -> Optional[str]:
         """Start ``len(specs)`` children in ``group``. Returns None, or a reason to fall back
         to fresh interpreters (then no child was left running). Raises ZygoteError if the
-        zygote died mid-request (likewise leaving nothing behind).
+        zygote died or failed mid-request (likewise leaving nothing behind); any other
+        exception (KeyboardInterrupt) also stops what the request started, and retires
+        this zygote, before it propagates.
 
         ``rank_env[i]``: variables laid over the caller's environment for rank i;
         ``rank_stdio[i]``: ``(caller fd, target)`` pairs that become rank i's stdio;
         ``plain``: the payload may be unpickled once for all (see _payload.is_plain)."""
         n = len(specs)
+        stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]
+        own = [list(pairs) for pairs in rank_stdio] if rank_stdio else [[] for _ in specs]
+        request = {
+            "op": "spawn",
+            "n": n,
+            "specs": [tuple(s) for s in specs],
+            "payload": payload,
+            "plain": plain,
+            "fn_module": fn_module,
+            "tracker": tracker_fd is not None,
+            "stdio": stdio,
+            "rank_stdio": [[target for _, target in pairs] for pairs in own],
+            "rank_env": [dict(e) for e in rank_env] if rank_env else None,
+        }
         channels: List[int] = []
-        try:
-            for rank in range(n):
-                channels.extend(group.open_channels(rank))
-            stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]
-            own = [list(pairs) for pairs in rank_stdio] if rank_stdio else [[] for _ in specs]
-            fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else []) + stdio
-            fds += [fd for pairs in own for fd, _ in pairs]
-            request = {
-                "op": "spawn",
-                "n": n,
-                "specs": [tuple(s) for s in specs],
-                "payload": payload,
-                "plain": plain,
-                "fn_module": fn_module,
-                "tracker": tracker_fd is not None,
-                "stdio": stdio,
-                "rank_stdio": [[target for _, target in pairs] for pairs in own],
-                "rank_env": [dict(e) for e in rank_env] if rank_env else None,
-            }
-            with self.lock:
+        talking = False  # from the first byte sent on, a failure leaves the socket out of step
+        timeout = zygote_timeout()
+        with self.lock:
+            try:
+                if self.retired:
+                    raise ZygoteError(f"fastspawn: the zygote (pid {self.pid}) was retired")
+                for rank in range(n):
+                    channels.extend(group.open_channels(rank))
+                fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else []) + stdio
+                fds += [fd for pairs in own for fd, _ in pairs]
+                request["id"] = next(self._ids)
                 request["context"], sent = self._context()
+                deadline = time.monotonic() + timeout
+                talking = True
                 try:
-                    _send(self.sock, request, fds)
+                    _send(self.sock, request, fds, deadline)
                 finally:
                     _close_all(channels)
                     channels = []
-                # Each child announces itself on its own pipe as soon as it exists; the
-                # zygote replies only when it did not start them all (it has closed the
-                # pipes of the others by then, so adopt() returns).
-                adopted = group.adopt(_ADOPT_TIMEOUT)
-                if len(adopted) == n:
-                    self._sent = sent
-                    return None
-                reply, _ = _recv(self.sock)
-        except (EOFError, OSError) as exc:
-            _close_all(channels)
-            self._abandon(group)
-            raise ZygoteError(
-                f"fastspawn: the zygote (pid {self.pid}) died while starting {n} children; "
-                "the children it had started were stopped"
-            ) from exc
+                reply = self._reply(request["id"], deadline)
+                self._sent = sent
+            except BaseException as exc:
+                _close_all(channels)
+                if not talking:
+                    group.stop(0.0)
+                    raise
+                reason = None
+                try:
+                    if isinstance(exc, TimeoutError):
+                        reason = self._stuck(f"did not answer within {timeout:g} s", "it is stuck at")
+                finally:
+                    self._abandon(group)
+                if reason is not None:
+                    _given_up[self.key] = reason
+                    return reason
+                if isinstance(exc, (OSError, EOFError)):
+                    raise ZygoteError(
+                        f"fastspawn: the zygote (pid {self.pid}) died while starting {n} children; "
+                        "the children it had started were stopped"
+                    ) from exc
+                raise
+            try:
+                return self._take(group, n, reply)
+            except BaseException:  # the zygote is in step: only what it started must go
+                try:
+                    group.adopt(zygote_timeout())  # ranks the interrupted adoption left pending
+                finally:
+                    group.stop(0.0)
+                raise
+
+    def _take(self, group: Any, n: int, reply: Dict[str, Any]) -> Optional[str]:
+        """Adopt what the reply says was forked (and stop it all if the call failed)."""
+        pids = reply["pids"]
+        adopt_pid = getattr(group, "adopt_pid", None)  # until the engine branch is merged
+        if adopt_pid is not None:
+            for rank, pid in enumerate(pids):
+                if pid > 0:
+                    adopt_pid(rank, pid)
+                elif pid == 0:
+                    group.drop_pending(rank)
+        if adopt_pid is None or _UNKNOWN in pids:
+            group.adopt(zygote_timeout())  # by their announcements
+        if reply.get("error") is None and reply.get("fallback") is None:
+            missing = [rank for rank in range(n) if group.pid(rank) <= 0]
+            if not missing:
+                return None
+            reply["error"] = f"ranks {missing} were not started"
         group.stop(0.0)
+        if reply.get("errno") == errno.EMFILE:  # this zygote cannot take the call: a fresh one can
+            self._retire()
+            self.group.stop(0.0)  # idle (it answered): nothing of a request's is in its group
+            return str(reply["error"])
         if reply.get("error"):
             raise ZygoteError(f"fastspawn: the zygote failed to start children:\n{reply['error']}")
-        if reply.get("fallback"):
-            self.unfit = reply["fallback"]
-            return self.unfit
-        raise ZygoteError(f"fastspawn: only {len(adopted)} of {n} children announced themselves")
-
-    def _abandon(self, group: Any) -> None:
-        group.adopt(2.0)  # whoever was forked announces itself on its own pipe
-        group.stop(0.0)
-        self.close()
+        self.unfit = reply["fallback"]
+        return self.unfit
 
     def close(self, grace: float = 5.0) -> None:
-        """Ask the zygote to exit (closing the socket) and reap it."""
+        """Ask the zygote to exit (closing the socket) and reap it (bounded)."""
         try:
             self.sock.close()
+            self._stacks.close()
         finally:
             self.group.wait(grace, True)
             self.group.stop(0.0)
 
     def forget_after_fork(self) -> None:
-        """In a fork child: the zygote is the parent's, not ours (closes our copy only)."""
+        """In a fork child: the zygote is the parent's, not ours (closes our copies only)."""
         self.sock.close()
+        self._stacks.close()
 
 
 def _interpreter_flags() -> List[str]:
