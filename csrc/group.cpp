@@ -675,7 +675,10 @@ void Group::drain_result(Slot& s, bool final) {
     if (!s.result) return;
     bool eof = drain(s.result.get(), s.output);
     if (s.announcing && s.output.size() >= sizeof(std::int32_t)) {
-        s.output.erase(0, sizeof(std::int32_t));  // adopted by pid before it announced
+        // Adopted by pid before it announced itself: its announcement is no output.
+        std::int32_t announced = 0;
+        std::memcpy(&announced, s.output.data(), sizeof announced);
+        if (announced == s.pid) s.output.erase(0, sizeof announced);
         s.announcing = false;
     }
     if (eof || final) {
