@@ -123,13 +123,15 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "zygote_fork_many",
-        [](int owner, const std::vector<ChildSpecFds>& children, int deferred) -> py::tuple {
+        [](int owner, const std::vector<ChildSpecFds>& children, int deferred, bool report_pids) -> py::tuple {
             std::vector<fastspawn::ChildFds> plans;
             plans.reserve(children.size());
             for (const auto& [announce, dup2s, close_fds] : children)
                 plans.push_back(fastspawn::ChildFds{announce, dup2s, close_fds});
             // One before/after pair around all the clones, and no Python in between: the
             // zygote writes nothing to its (now shared, copy-on-write) heap while forking.
+            std::vector<int> pids;
+            pids.reserve(plans.size());  // no allocation between the clones
             PyOS_BeforeFork();
             int forked = 0;
             int error = 0;
@@ -144,19 +146,24 @@ PYBIND11_MODULE(_core, m) {
                 if (pid == 0) {
                     if (static_cast<int>(i) != deferred && !fastspawn::enter_child(plans[i])) ::_exit(1);
                     PyOS_AfterFork_Child();
+                    if (report_pids) return py::make_tuple(static_cast<int>(i), 0, 0, py::list());
                     return py::make_tuple(static_cast<int>(i), 0, 0);
                 }
+                pids.push_back(static_cast<int>(pid));
                 ++forked;
             }
             PyOS_AfterFork_Parent();
+            if (report_pids) return py::make_tuple(-1, forked, error, py::cast(pids));
             return py::make_tuple(-1, forked, error);
         },
-        py::arg("owner"), py::arg("children"), py::arg("deferred") = -1,
+        py::arg("owner"), py::arg("children"), py::arg("deferred") = -1, py::kw_only(),
+        py::arg("pids") = false,
         "In the zygote: fork len(children) children of the caller back to back, each with "
         "clone(CLONE_PARENT) and its parent-death guard armed against `owner`. children[i] is (announce_fd, [(src, dst) dup2s], [fds to close]), "
         "applied in child i before Python resumes there, except in child `deferred`, which "
         "applies its own later with enter_child. Returns (i, 0, 0) in child i and "
-        "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did).");
+        "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did). "
+        "With pids=True a fourth item: [] in a child, the pids of the `forked` children in the zygote.");
     m.def(
         "enter_child",
         [](int announce, const std::vector<std::pair<int, int>>& dup2s, const std::vector<int>& close_fds) {

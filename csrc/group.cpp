@@ -509,6 +509,9 @@ void Group::start_exec(int rank, const std::string& exe, const std::vector<std::
     plan.env = options.env;
     plan.redirects = options.redirects;
     plan.death_signal = options.death_signal;
+#ifdef FASTSPAWN_HAVE_GUARDIAN
+    plan.program = !options.protocol;  // SIGKILL as parent-death signal, and the guardian
+#endif
     const pid_t pid = exec_child(plan);
     const bool guarded = !options.protocol;
     if (guarded) guardian_watch(pid);

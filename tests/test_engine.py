@@ -1471,3 +1471,35 @@ def test_child_running_never_reaps(tracker):
     assert not _core.child_running(pid)
     assert not _core.child_running(os.getpid())
     assert not _core.child_running(os.getppid())
+
+
+DRIVER_ZYGOTE_FORK = """
+import struct
+from fastspawn import _core
+r, w = os.pipe()
+forks = _core.zygote_fork_many(os.getppid(), [(w, [], []), (w, [], [])], pids=True)
+if forks[0] >= 0:  # a child (clone(CLONE_PARENT): a child of the test process)
+    os._exit(0 if forks[1:] == (0, 0, []) else 3)
+os.close(w)
+data = b""
+while len(data) < 8:
+    chunk = os.read(r, 8 - len(data))
+    if not chunk:
+        break
+    data += chunk
+announced = sorted(struct.unpack("=%di" % (len(data) // 4), data))
+print(json.dumps({"forks": [forks[0], forks[1], forks[2], list(forks[3])], "announced": announced}), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_zygote_fork_many_reports_the_pids_it_forked(tmp_path, cleanup):
+    driver = Driver(tmp_path, DRIVER_ZYGOTE_FORK)
+    cleanup.append(driver)
+    report = json.loads(driver.line())
+    assert driver.wait() == 0
+    index, forked, error, pids = report["forks"]
+    assert (index, forked, error) == (-1, 2, 0)
+    assert sorted(pids) == report["announced"]
+    for pid in pids:  # ours: forked with CLONE_PARENT from our child
+        assert os.waitpid(pid, 0) == (pid, 0)
