@@ -10,6 +10,7 @@
 #include <exception>
 #include <fstream>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <utility>
 
@@ -851,7 +852,10 @@ void Group::begin_stop() noexcept {
 
 StopReport Group::stop(double grace, int sig, double kill_wait, const InterruptCheck& interrupted) {
     StopReport report;
-    kill_wait = std::max(kill_wait, 0.0);
+    // The kill wait is what keeps stop bounded: never "forever".
+    if (!(kill_wait >= 0.0) || std::isinf(kill_wait))
+        throw std::invalid_argument("kill_wait must be a finite number of seconds >= 0");
+    if (std::isnan(grace)) throw std::invalid_argument("grace must be a number");
     // 1. From now on a reaped child's process group gets SIGKILL.
     {
         std::lock_guard<std::mutex> lock(engine_mutex());

@@ -128,7 +128,8 @@ public:
     // that wait short; (4) SIGKILL to every live child and its process group; (5) up to
     // `kill_wait` s for them to exit. Who is still there is handed to the reaper and
     // logged with an unknown exit code. Never waits longer than
-    // min(kill_wait, 1) + grace + kill_wait.
+    // min(kill_wait, 1) + grace + kill_wait; kill_wait must be finite and >= 0
+    // (std::invalid_argument otherwise).
     StopReport stop(double grace, int sig = SIGTERM, double kill_wait = kKillWait,
                     const InterruptCheck& interrupted = nullptr);
 

@@ -1108,6 +1108,9 @@ def test_stop_reports_what_it_killed(tracker, use_pidfd):
     assert sorted(group.wait(0.0, True)) == [(0, polite, -signal.SIGTERM, b""), (1, stubborn, -signal.SIGKILL, b"")]
     assert not group.running(0) and not group.running(1)
     assert group.stop(0.0) == ([], [])  # idempotent
+    for kill_wait in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="kill_wait"):
+            group.stop(0.0, kill_wait=kill_wait)
     assert_reaped([polite, stubborn])
 
 
