@@ -1103,7 +1103,7 @@ def test_stop_reports_what_it_killed(tracker, use_pidfd):
     assert group.stop(0.0) == ([], [])  # nothing started: nothing to do
     polite = start_ready_child(group, 0, IGNORE_TERM_THEN_WAIT.replace("signal.SIG_IGN", "signal.SIG_DFL"))
     stubborn = start_ready_child(group, 1)
-    killed, unreaped = group.stop(0.5)  # the old call shape: grace only
+    killed, unreaped = group.stop(2.0)  # the old call shape: grace only
     assert (killed, unreaped) == ([1], [])
     assert sorted(group.wait(0.0, True)) == [(0, polite, -signal.SIGTERM, b""), (1, stubborn, -signal.SIGKILL, b"")]
     assert not group.running(0) and not group.running(1)
@@ -1138,7 +1138,7 @@ def test_stop_is_bounded_when_a_child_cannot_die(tracker, freezer, use_pidfd):
     frozen = start_ready_child(group, 0)
     other = start_ready_child(group, 1)
     freezer.freeze(frozen)
-    grace, kill_wait = 0.5, 1.0
+    grace, kill_wait = 0.5, 3.0  # long enough for the other one to die of SIGKILL
     started = time.monotonic()
     killed, unreaped = bounded_call(lambda: group.stop(grace, kill_wait=kill_wait), grace + 2 * kill_wait + STOP_MARGIN)
     assert time.monotonic() - started >= grace + kill_wait  # it did wait for both
