@@ -1506,3 +1506,31 @@ def test_zygote_fork_many_reports_the_pids_it_forked(tmp_path, cleanup):
     assert sorted(pids) == report["announced"]
     for pid in pids:  # ours: forked with CLONE_PARENT from our child
         assert os.waitpid(pid, 0) == (pid, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_a_child_that_cannot_be_watched_is_killed_and_reaped(tracker, use_pidfd):
+    import resource
+
+    group = _core.Group(1, use_pidfd)
+    gc.collect()
+    before = children_now()
+    used = open_fds()
+    free = [fd for fd in range(3, 4096) if fd not in used][:4]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the child's two pipes, none for its pidfd (or eventfd): attach fails
+    # after the child exists; the engine kills it and its reaper (a thread here: no
+    # pidfd can be opened either) reaps it. Nothing blocks, nothing is left.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[-1] + 1, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            group.start_exec(0, sys.executable, [sys.executable, "-c", WAIT_FOR_CONTROL_EOF], [], [])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert info.value.errno == errno.EMFILE
+    assert ("eventfd" if not use_pidfd else "pidfd_open") in str(info.value)  # after the exec
+    assert group.pid(0) == -1 and not group.running(0)
+    assert group.wait(0.0, True) == []
+    wait_until(lambda: not children_now() - before, "the child was reaped")
+    assert open_fds() == used
