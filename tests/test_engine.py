@@ -1410,14 +1410,21 @@ def test_adopt_pid(tracker, use_pidfd, announce):
     assert_reaped([pid])
 
 
-@pytest.mark.timeout(60)
-def test_adopt_pid_refuses_what_is_not_our_child(tracker):
+def pending_rank():
+    """A group whose rank 0 has channels (the child's ends closed) and no child yet;
+    and the fds open before the channels were made."""
     group = _core.Group(1, True)
     gc.collect()
     fds = open_fds()
     control, result = group.open_channels(0)
     os.close(control)
     os.close(result)
+    return group, fds
+
+
+@pytest.mark.timeout(60)
+def test_adopt_pid_refuses_what_is_not_our_child(tracker):
+    group, fds = pending_rank()
     assert group.adopt_pid(0, os.getppid()) is False
     assert group.pid(0) == -1 and not group.running(0)
     assert open_fds() == fds  # the rank's pipes are closed
@@ -1435,12 +1442,7 @@ def test_adopt_pid_of_a_child_reaped_elsewhere(tracker):
 
 @pytest.mark.timeout(60)
 def test_drop_pending_closes_the_pipes(tracker):
-    group = _core.Group(1, True)
-    gc.collect()
-    fds = open_fds()
-    control, result = group.open_channels(0)
-    os.close(control)
-    os.close(result)
+    group, fds = pending_rank()
     group.drop_pending(0)
     assert open_fds() == fds
     assert group.adopt(0.0) == [] and group.wait(0.0, True) == []
