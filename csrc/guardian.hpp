@@ -31,6 +31,9 @@
 //   still watched); an OOM kill of the owner also kills the guardian, which shares its
 //   memory, unless the guardian could lower its own oom_score_adj to -1000 (root /
 //   CAP_SYS_RESOURCE); then only PR_SET_PDEATHSIG is left.
+// - The watch starts right after the exec: a program started from a thread other than the
+//   main one (so without PR_SET_PDEATHSIG) by an owner killed within those microseconds
+//   is not covered.
 // - At most kGuardianCapacity programs per owner at once; beyond that (and where the
 //   guardian cannot start) a program has only PR_SET_PDEATHSIG=SIGKILL, set whatever
 //   thread started it.

@@ -256,6 +256,8 @@ def test_a_rank_dying_with_a_robust_mutex_leaves_it_owner_dead(method, nprocs, t
         deadline = (ctypes.c_long * 2)(int(time.time()) + 2, 0)  # CLOCK_REALTIME, 2 s on
         mutex = ctypes.c_void_p(_shared_mutex(libc, f"{path}.{rank}"))
         assert libc.pthread_mutex_timedlock(mutex, deadline) == _EOWNERDEAD, f"rank {rank}"
+        libc.pthread_mutex_consistent(mutex)  # ours now: leave this process's list empty
+        assert libc.pthread_mutex_unlock(mutex) == 0
 
 
 @pytest.mark.timeout(10)
@@ -269,19 +271,10 @@ _DRIVER = textwrap.dedent(
     """
     import json, os, sys, threading, time
     from fastspawn import _api, _core
+    from test_launch import _group_members, _live as running
 
     def members(pgid):
-        found = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    found.append(int(name))
-        return found
+        return sorted(_group_members({pgid}))
 
     mode = sys.argv[1]
     started = []
@@ -296,6 +289,14 @@ _DRIVER = textwrap.dedent(
         start()
     ctx = started[0]
     pids = ctx.pids()
+    if mode == "restart":  # someone kills the guardian: the next start makes a new one
+        first = _core.guardian_pid()
+        os.kill(first, 9)
+        while running(first):
+            time.sleep(0.01)
+        start()
+        assert _core.guardian_pid() not in (0, first)
+        pids += started[1].pids()
     if mode == "exit":  # normal use: the programs end, the context is joined, we exit
         while not ctx.join():
             pass
@@ -349,16 +350,26 @@ def _wait_until(predicate, timeout):
 
 
 def _start_driver(mode):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """Runs _DRIVER; returns it and what it printed (killed if it prints nothing in 30 s)."""
+    import select
+
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, mode], stdout=subprocess.PIPE, env=env)
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    assert line, "the driver died before starting its programs"
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30.0)
+        line = proc.stdout.readline() if ready else b""
+    finally:
+        proc.stdout.close()
+    if not line:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the driver printed nothing: it died or hung before starting its programs")
     return proc, json.loads(line)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", ["main", "thread", "fork"])
+@pytest.mark.parametrize("mode", ["main", "thread", "fork", "restart"])
 def test_programs_and_their_groups_die_with_a_sigkilled_launcher(mode):
     proc, info = _start_driver(mode)
     pgids = set(info["pids"])
