@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "group.hpp"
+#include "guardian.hpp"
 #include "launch.hpp"
 
 namespace py = pybind11;
@@ -307,4 +308,17 @@ PYBIND11_MODULE(_core, m) {
         .def("pid", &Group::pid, py::arg("rank"))
         .def("running", &Group::running, py::arg("rank"))
         .def("sentinel", &Group::sentinel, py::arg("rank"));
+
+    // ---- launch helper (issue 10): zygote fitness and the guardian ----
+    m.def(
+        "zygote_fork_check",
+        []() -> std::optional<std::string> {
+            const char* reason = fastspawn::zygote_fork_check();
+            if (reason == nullptr) return std::nullopt;
+            return std::string(reason);
+        },
+        "None when this process can fork ranks with clone(CLONE_PARENT), else why not.");
+    m.def("guardian_pid", &fastspawn::guardian_pid,
+          "The pid of this process's guardian of foreign programs (0: none running).");
+    // ---- end launch helper ----
 }
