@@ -7,11 +7,11 @@ import types
 from fastspawn import _core, _zygote
 
 
-def _fork_some(owner, children, deferred=-1):
-    index, forked, error = _core.zygote_fork_many(owner, children[:1], deferred)
+def _fork_some(owner, children, deferred=-1, pids=False):
+    index, forked, error, forked_pids = _core.zygote_fork_many(owner, children[:1], deferred, pids=True)
     if index < 0 and len(children) > 1:
         error = errno.EAGAIN
-    return index, forked, error
+    return (index, forked, error, forked_pids) if pids else (index, forked, error)
 
 
 _zygote._core = types.SimpleNamespace(**{**vars(_core), "zygote_fork_many": _fork_some})

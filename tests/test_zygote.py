@@ -840,3 +840,18 @@ def test_every_fd_of_the_zygote_and_of_a_rank_is_close_on_exec(fresh_zygote):
     with reader, writer:
         fastspawn.spawn(workers.report_inheritable_fds, args=(writer,), nprocs=1)
         assert reader.recv() == []
+
+
+@pytest.mark.timeout(60)
+def test_a_child_failing_before_it_announces_itself_is_still_supervised(fresh_zygote, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    fastspawn.preload(["_zygote_enter_fails"])
+    _warm_start()  # one rank: nothing fails
+    before = set(_children())
+    # Rank 1 exits in enter_child without announcing itself: the reply's pid makes it a
+    # rank like any other (its exit is seen and reaped), not an unknown zombie.
+    with pytest.raises(fastspawn.ProcessExitedException) as failure:
+        fastspawn.spawn(workers.exit_now, nprocs=2)
+    assert (failure.value.error_index, failure.value.exit_code) == (1, 1)
+    assert _left_behind(before) == []
+    _works_again(1)

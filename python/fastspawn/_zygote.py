@@ -202,8 +202,7 @@ def _health() -> Optional[str]:
         initialized = False
     if initialized:
         return "CUDA was initialised during the zygote's imports"
-    check = getattr(_core, "zygote_fork_check", None)  # until the launch branch is merged
-    reason = check() if check is not None else None
+    reason = _core.zygote_fork_check()
     if reason:
         return f"the zygote cannot fork pristine children: {reason}"
     return None
@@ -424,8 +423,9 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
     try:
         private = [sock.fileno(), _state.stack_fd, *([ours, theirs] if report else [])]
         prepared = _prepare(request, fds, private, call)
-        forks = _core.zygote_fork_many(owner, [prepared.fds[r] for r in order], helper)
-        index, forked, error = forks[:3]
+        index, forked, error, forked_pids = _core.zygote_fork_many(
+            owner, [prepared.fds[r] for r in order], helper, pids=True
+        )
         if index >= 0:
             if index == helper:
                 os.close(ours)
@@ -434,7 +434,7 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
         _close_all([theirs] if report else [])
         theirs = -1
         pids = [0] * n
-        for i, pid in enumerate(forks[3] if len(forks) > 3 else [_UNKNOWN] * forked):  # pids: see R1
+        for i, pid in enumerate(forked_pids):
             pids[order[i]] = pid
         reply: Dict[str, Any] = {"pids": pids}
         if forked == 0:
@@ -482,11 +482,9 @@ def _fork_rest(prepared: _Prepared, rank: int, last: int, sock: socket.socket, o
         os.close(sock.detach())
         os.close(_state.stack_fd)
         siblings = list(range(rank + 1, last))
-        forks = _core.zygote_fork_many(owner, [prepared.fds[r] for r in siblings])
-        index, forked, error = forks[:3]
+        index, _forked, error, pids = _core.zygote_fork_many(owner, [prepared.fds[r] for r in siblings], pids=True)
         if index >= 0:
             _run_rank(prepared, siblings[index], sock)
-        pids = list(forks[3]) if len(forks) > 3 else [_UNKNOWN] * forked
         try:
             with socket.socket(fileno=report) as channel:
                 _send(channel, {"pids": pids, "errno": error})
@@ -714,7 +712,7 @@ class Zygote:
         """How the zygote ended, once it has (bounded wait; what it left in its process
         group is killed when it is reaped)."""
         self.group.begin_stop()
-        exits = self.group.wait(getattr(_core, "KILL_WAIT", 5.0), True)
+        exits = self.group.wait(_core.KILL_WAIT, True)
         if not exits:
             return "still running"
         code = exits[-1][2]
@@ -860,15 +858,13 @@ class Zygote:
     def _take(self, group: Any, n: int, reply: Dict[str, Any]) -> Optional[str]:
         """Adopt what the reply says was forked (and stop it all if the call failed)."""
         pids = reply["pids"]
-        adopt_pid = getattr(group, "adopt_pid", None)  # until the engine branch is merged
-        if adopt_pid is not None:
-            for rank, pid in enumerate(pids):
-                if pid > 0:
-                    adopt_pid(rank, pid)
-                elif pid == 0:
-                    group.drop_pending(rank)
-        if adopt_pid is None or _UNKNOWN in pids:
-            group.adopt(zygote_timeout())  # by their announcements
+        for rank, pid in enumerate(pids):
+            if pid > 0:
+                group.adopt_pid(rank, pid)  # False (not our child): the rank is dropped
+            elif pid == 0:
+                group.drop_pending(rank)
+        if _UNKNOWN in pids:
+            group.adopt(zygote_timeout())  # they announce themselves, or their pipes close
         if reply.get("error") is None and reply.get("fallback") is None:
             missing = [rank for rank in range(n) if group.pid(rank) <= 0]
             if not missing:
