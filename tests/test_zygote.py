@@ -855,3 +855,20 @@ def test_a_child_failing_before_it_announces_itself_is_still_supervised(fresh_zy
     assert (failure.value.error_index, failure.value.exit_code) == (1, 1)
     assert _left_behind(before) == []
     _works_again(1)
+
+
+@pytest.mark.timeout(60)
+def test_a_zygote_crashing_at_start_up_is_not_started_again(fresh_zygote, monkeypatch, tmp_path):
+    log = tmp_path / "zygotes"
+    monkeypatch.setenv("FASTSPAWN_TEST_CALLER", str(os.getpid()))
+    monkeypatch.setenv("FASTSPAWN_TEST_CRASH_LOG", str(log))
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    fastspawn.preload(["_zygote_crash_at_import"])
+    q = _queue()
+    with pytest.warns(RuntimeWarning, match=r"died while starting up \(exit code 3\).*fresh interpreter"):
+        fastspawn.spawn(workers.report_pid, args=(q,), nprocs=2)
+    reports = sorted(q.get() for _ in range(2))
+    assert [r[0] for r in reports] == [0, 1] and all(ppid == os.getpid() for *_, ppid in reports)
+    fastspawn.spawn(workers.report_pid, args=(q,), nprocs=1)  # silently fresh (warnings are errors)
+    assert q.get()[0] == 0
+    assert len(log.read_text().splitlines()) == 1  # one zygote tried for this preload list

@@ -808,14 +808,14 @@ class Zygote:
         talking = False  # from the first byte sent on, a failure leaves the socket out of step
         timeout = zygote_timeout()
         with self.lock:
+            if self.retired:  # by a call in another thread, since ours got hold of it
+                return f"the zygote (pid {self.pid}) was retired by a failed call"
             try:
-                if self.retired:
-                    raise ZygoteError(f"fastspawn: the zygote (pid {self.pid}) was retired")
                 for rank in range(n):
                     channels.extend(group.open_channels(rank))
                 fds = channels + list(pass_fds) + ([tracker_fd] if tracker_fd is not None else []) + stdio
                 fds += [fd for pairs in own for fd, _ in pairs]
-                request["id"] = next(self._ids)
+                request_id = request["id"] = next(self._ids)
                 request["context"], sent = self._context()
                 deadline = time.monotonic() + timeout
                 talking = True
@@ -824,7 +824,7 @@ class Zygote:
                 finally:
                     _close_all(channels)
                     channels = []
-                reply = self._reply(request["id"], deadline)
+                reply = self._reply(request_id, deadline)
                 self._sent = sent
             except BaseException as exc:
                 _close_all(channels)
