@@ -830,6 +830,7 @@ def _cloexec(pid, fd):
     return bool(flags & os.O_CLOEXEC)
 
 
+@pytest.mark.timeout(60)
 def test_every_fd_of_the_zygote_and_of_a_rank_is_close_on_exec(fresh_zygote):
     zygote = _warm_start()
     inheritable = [fd for fd in map(int, os.listdir(f"/proc/{zygote.pid}/fd")) if fd > 2 and not _cloexec(zygote.pid, fd)]
