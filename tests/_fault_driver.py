@@ -62,6 +62,31 @@ def fail_one(rank):
         raise ValueError("fault-marker: rank 1 fails on purpose")
 
 
+def square(rank):
+    return rank * rank
+
+
+def interrupted_one(rank):
+    if rank == 1:
+        raise KeyboardInterrupt
+    return rank
+
+
+def _explode():
+    raise ValueError("fault-marker: this value cannot be unpickled")
+
+
+class Unloadable:
+    """Pickles fine; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def unloadable_one(rank):
+    return Unloadable() if rank == 1 else rank
+
+
 def exit_one(rank, code):
     if rank == 1:
         sys.exit(code)
@@ -139,6 +164,30 @@ def zygote_pid():
     return int(current.pid) if current is not None else 0
 
 
+def zygotes():
+    """Our zygote processes (alive), whichever call started them: children running the
+    zygote's bootstrap that hold a socket (its ranks, forks of it, have the same command
+    line but no socket)."""
+    me = os.getpid()
+    return [pid for pid in kit.children(me)
+            if "fastspawn._zygote" in kit.cmdline(pid)
+            and (kit.stat(pid) or kit.Stat("Z", 0, 0, 0)).state != "Z" and _holds_socket(pid)]
+
+
+def _holds_socket(pid):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def tracker_pid():
     from multiprocessing import resource_tracker
 
@@ -146,8 +195,13 @@ def tracker_pid():
 
 
 def keep():
-    """Processes of ours that outlive a call on purpose."""
-    return {pid for pid in (zygote_pid(), tracker_pid()) if pid}
+    """Processes of ours that outlive a call on purpose: the current zygote (every live
+    one, should the private handle on it have moved) and the resource tracker."""
+    from fastspawn import _api
+
+    current = zygote_pid() if hasattr(getattr(_api, "_zygotes", None), "current") else 0
+    kept = {current} if current else set(zygotes())
+    return kept | ({tracker_pid()} - {0})
 
 
 def settle(seconds=SETTLE, until=None):
@@ -374,14 +428,6 @@ def scenario_emfile(out, where):
     emit(out, "result", opened=opened, low=low, first=first, left=left, second=second, left_after=settle())
 
 
-def zygotes():
-    """Our zygote processes (alive), whichever call started them."""
-    me = os.getpid()
-    return [pid for pid in kit.children(me)
-            if "fastspawn._zygote import main" in kit.cmdline(pid) and kit.lingering(pid)
-            and (kit.stat(pid) or kit.Stat("Z", 0, 0, 0)).state != "Z"]
-
-
 def kill_zygotes():
     for pid in zygotes():
         kit.kill_quietly(pid)
@@ -435,13 +481,32 @@ def scenario_reaper(out, variant, path):
                     stop.wait(0.01)
 
         threading.Thread(target=reap, daemon=True).start()
+    import fastspawn
+
     results = {
         "ok": outcome(call, noop, 2, path),
+        "run": outcome(fastspawn.run, square, 2, **run_path(path)),
         "raise": outcome(call, fail_one, 2, path),
         "exit": outcome(call, exit_one, 2, path, args=(3,)),
     }
     stop.set()
     emit(out, "result", left=settle(), **results)
+
+
+def run_path(path):
+    """fastspawn.run's keywords for an engine path."""
+    return {"start_method": "fork"} if path == "fork" else {"zygote": path == "zygote"}
+
+
+def scenario_silent(out, path):
+    """No silent loss: a rank interrupted before returning, a return value that cannot
+    be unpickled (fastspawn.run)."""
+    import fastspawn
+
+    emit(out, "result",
+         interrupted=outcome(fastspawn.run, interrupted_one, 2, **run_path(path)),
+         unloadable=outcome(fastspawn.run, unloadable_one, 2, **run_path(path)),
+         left=settle())
 
 
 def scenario_ranks(out, path):

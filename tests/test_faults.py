@@ -68,6 +68,7 @@ class Box:
         self.procs: List[subprocess.Popen] = []
         self.names: Dict[int, str] = {}
         self.tracked: Dict[int, kit.Stat] = {}
+        self.before = set(kit.children(os.getpid()))  # pytest's own children before the test
 
     def env(self, **extra: str) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSPAWN_", "SLURM_"))}
@@ -171,6 +172,7 @@ class Box:
             if st.pgid in groups or st.ppid in found or st.ppid in self.tracked:
                 found.add(pid)
         found |= {pid for pid, st in self.tracked.items() if _same(pid, st)}
+        found |= set(kit.children(os.getpid())) - self.before
         found.discard(os.getpid())
         return sorted(pid for pid in found if kit.lingering(pid))
 
@@ -437,6 +439,18 @@ def test_deleted_cwd_gives_a_clear_error_or_works(box, path):
     assert not result["left_after"], result["left_after"]
 
 
+@pytest.mark.timeout(90)
+def test_cli_in_a_deleted_cwd_exits_and_leaves_nothing(box):
+    gone = box.dir / "gone"
+    quick = box.dir / "quick.py"
+    quick.write_text("print('rank ran')\n")
+    script = f"mkdir {gone} && cd {gone} && rmdir {gone} && exec \"$@\""
+    proc = box.start(["sh", "-c", script, "sh", *FASTSPAWN, "-n", "2", str(quick)], "cli")
+    status = box.finish(proc)
+    if status != 0:
+        assert re.search(r"directory|cwd", box.err(proc), re.IGNORECASE), box.logs(proc)
+
+
 # ---------------------------------------------------------------------- 9. EMFILE
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("where", ["caller-zygote", "caller-fresh", "caller-fork", "zygote"])
@@ -445,7 +459,7 @@ def test_running_out_of_fds_gives_a_clear_error_or_works(box, where):
     result = box.report(proc, "result", seconds=120)
     assert box.finish(proc) == 0, box.logs(proc)
     first = result["first"]
-    words = r"too many open files|EMFILE|descriptor"
+    words = r"too many open files|EMFILE|descriptor|MSG_CTRUNC|\bfds?\b"
     _clear_or_fine(first, words)
     if where.startswith("caller") and first["outcome"] == "raised" and "OSError" in first["mro"]:
         assert first["errno"] in (None, 24), _raised(first)  # EMFILE
@@ -482,6 +496,8 @@ def test_children_reaped_by_someone_else(box, variant, path):
     result = box.report(proc, "result", seconds=100)
     assert box.finish(proc) == 0, box.logs(proc)
     assert result["ok"]["outcome"] == "returned", _raised(result["ok"])
+    assert result["run"]["outcome"] == "returned", _raised(result["run"])
+    assert result["run"]["value"] == "[0, 1]", result["run"]
     failed = result["raise"]
     assert failed["type"] == "ProcessRaisedException", _raised(failed)
     assert "fault-marker: rank 1 fails on purpose" in failed["message"], _raised(failed)
@@ -489,6 +505,25 @@ def test_children_reaped_by_someone_else(box, variant, path):
     exited = result["exit"]
     assert exited["type"] == "ProcessExitedException", _raised(exited)
     assert (exited["error_index"], exited["exit_code"]) == (1, 3), _raised(exited)
+    assert not result["left"], result["left"]
+
+
+# ------------------------------------------------------------- no silent loss
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", PATHS)
+def test_no_silent_loss_in_fastspawn_run(box, path):
+    proc = box.driver("silent", path)
+    result = box.report(proc, "result", seconds=100)
+    assert box.finish(proc) == 0, box.logs(proc)
+    # A rank interrupted (KeyboardInterrupt) before returning is that rank's failure.
+    interrupted = result["interrupted"]
+    assert interrupted["type"] in ("ProcessRaisedException", "ProcessExitedException"), _raised(interrupted)
+    assert interrupted["error_index"] == 1, _raised(interrupted)
+    # A return value that fails to unpickle raises, naming the rank and the error.
+    unloadable = result["unloadable"]
+    assert unloadable["outcome"] == "raised", f"returned {unloadable['value']} silently"
+    assert "this value cannot be unpickled" in " ".join(unloadable["chain"]), _raised(unloadable)
+    assert re.search(r"\b1\b", unloadable["message"]), _raised(unloadable)
     assert not result["left"], result["left"]
 
 
