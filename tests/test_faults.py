@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 import pytest
 
 import _faultkit as kit
+from _fault_driver import SH_TREE
 
 HERE = Path(__file__).resolve().parent
 DRIVER = str(HERE / "_fault_driver.py")
@@ -136,6 +137,13 @@ class Box:
         assert data is not None
         return data
 
+    def result(self, scenario: str, *args: object, seconds: float = REPORT, **env: str) -> Dict:
+        """Run a driver scenario that reports "result" and exits: that report."""
+        proc = self.driver(scenario, *args, **env)
+        result = self.report(proc, "result", seconds=seconds)
+        assert self.finish(proc) == 0, self.logs(proc)
+        return result
+
     def finish(self, proc: subprocess.Popen, seconds: float = REPORT) -> int:
         """The driver's exit status, within ``seconds``."""
         try:
@@ -214,33 +222,43 @@ def box(tmp_path):
         pytest.fail(problem, pytrace=False)
 
 
+def _cgroup(controller: str, release: str, value: str):
+    """A cgroup of its own under ``controller``; in teardown ``release`` is set to
+    ``value`` (thaw, no limit), then the group is emptied and removed, always."""
+    if kit.controller(controller) is None:
+        pytest.skip(f"cgroup v1 {controller} controller not mounted writable at /sys/fs/cgroup/{controller}")
+    group = kit.Cgroup(controller)
+    try:
+        yield group
+    finally:
+        try:
+            group.write(release, value)
+        finally:
+            group.remove()
+
+
 @pytest.fixture
 def freezer(box):
-    """A freezer cgroup of its own (depends on ``box``: thawed before the leftover check)."""
-    if kit.controller("freezer") is None:
-        pytest.skip("cgroup v1 freezer controller not mounted writable at /sys/fs/cgroup/freezer")
-    group = kit.Cgroup("freezer")
-    yield group
-    try:
-        group.write("freezer.state", "THAWED")
-    finally:
-        group.remove()
+    """A freezer cgroup (after ``box``, so thawed before the leftover check)."""
+    yield from _cgroup("freezer", "freezer.state", "THAWED")
 
 
 @pytest.fixture
 def pids_cgroup(box):
-    if kit.controller("pids") is None:
-        pytest.skip("cgroup v1 pids controller not mounted writable at /sys/fs/cgroup/pids")
-    group = kit.Cgroup("pids")
-    yield group
-    try:
-        group.write("pids.max", "max")
-    finally:
-        group.remove()
+    yield from _cgroup("pids", "pids.max", "max")
 
 
 def _raised(result: Dict) -> str:
     return f"{result.get('type')}: {result.get('message')}\n{result.get('traceback', '')}"
+
+
+def _recovered(result: Dict, words: str) -> None:
+    """The call under the fault returned or raised clearly (``words``); nothing of it was
+    left; the next call, the fault gone, worked and left nothing either."""
+    _clear_or_fine(result["first"], words)
+    assert not result["left"], result["left"]
+    assert result["second"]["outcome"] == "returned", _raised(result["second"])
+    assert not result["left_after"], result["left_after"]
 
 
 def _clear_or_fine(result: Dict, words: str) -> None:
@@ -287,9 +305,13 @@ def test_blocking_main_module_import_does_not_block_start(box, lib):
     assert box.finish(proc) == 0, box.logs(proc)
     if lib == "fastspawn":
         err = box.err(proc)
-        # One RuntimeWarning naming the cause and where the zygote's import is stuck.
+        # A RuntimeWarning naming the cause and where the zygote's import is stuck: the
+        # blocking line of the main module (not just the caller's line, where any
+        # warning points).
         assert "RuntimeWarning" in err, err
-        assert "_fault_blocking_main" in err, err
+        source = Path(BLOCKING_MAIN).read_text().splitlines()
+        line = 1 + next(i for i, text in enumerate(source) if "time.sleep(1000)" in text)
+        assert re.search(rf"_fault_blocking_main\.py\W+(line )?{line}\b", err), f"line {line} not named:\n{err}"
 
 
 # --------------------------------------------- 3. a rank that cannot die (freezer)
@@ -356,8 +378,7 @@ def _sigkill_launcher(box, proc, count: int) -> None:
 @pytest.mark.timeout(90)
 def test_cli_programs_die_with_a_sigkilled_launcher(box):
     # Each program leaves a second process in its group: `sleep 300 &`, then exec sleep.
-    script = f'sleep 300 & echo "$$ $!" > {box.dir}/tree.$$.tmp && mv {box.dir}/tree.$$.tmp {box.dir}/tree.$$; exec sleep 300'
-    proc = box.start([*FASTSPAWN, "-n", "2", "--", "sh", "-c", script], "cli")
+    proc = box.start([*FASTSPAWN, "-n", "2", "--", "sh", "-c", SH_TREE.format(out=box.dir)], "cli")
     _sigkill_launcher(box, proc, 2)
 
 
@@ -414,29 +435,18 @@ def test_every_rank_has_a_robust_futex_list(box, path):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("headroom", [2, 10, 13])
 def test_fork_failing_part_way_raises_clearly_and_leaves_nothing(box, pids_cgroup, headroom):
-    proc = box.driver("pids", pids_cgroup.path, headroom)
-    result = box.report(proc, "result", seconds=150)
-    assert box.finish(proc) == 0, box.logs(proc)
-    first = result["first"]
+    result = box.result("pids", pids_cgroup.path, headroom, seconds=150)
     assert "max" in result["events"] and result["events"] != "max 0", \
         f"the limit never refused a fork ({result['events']}): the fault was not injected"
-    _clear_or_fine(first, r"fork|clone|resource temporarily unavailable|EAGAIN|process")
-    assert not result["left"], result["left"]
-    assert result["second"]["outcome"] == "returned", _raised(result["second"])
-    assert not result["left_after"], result["left_after"]
+    _recovered(result, r"fork|clone|resource temporarily unavailable|EAGAIN|process")
 
 
 # ------------------------------------------------------------------ 8. deleted cwd
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", PATHS)
 def test_deleted_cwd_gives_a_clear_error_or_works(box, path):
-    proc = box.driver("cwd", path)
-    result = box.report(proc, "result", seconds=100)
-    assert box.finish(proc) == 0, box.logs(proc)
-    _clear_or_fine(result["first"], r"directory|cwd|No such file")
-    assert not result["left"], result["left"]
-    assert result["second"]["outcome"] == "returned", _raised(result["second"])
-    assert not result["left_after"], result["left_after"]
+    result = box.result("cwd", path, seconds=100)
+    _recovered(result, r"directory|cwd|No such file")
 
 
 @pytest.mark.timeout(90)
@@ -455,17 +465,11 @@ def test_cli_in_a_deleted_cwd_exits_and_leaves_nothing(box):
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("where", ["caller-zygote", "caller-fresh", "caller-fork", "zygote"])
 def test_running_out_of_fds_gives_a_clear_error_or_works(box, where):
-    proc = box.driver("emfile", where)
-    result = box.report(proc, "result", seconds=120)
-    assert box.finish(proc) == 0, box.logs(proc)
+    result = box.result("emfile", where, seconds=120)
     first = result["first"]
-    words = r"too many open files|EMFILE|descriptor|MSG_CTRUNC|\bfds?\b"
-    _clear_or_fine(first, words)
+    _recovered(result, r"too many open files|EMFILE|descriptor|MSG_CTRUNC|\bfds?\b")
     if where.startswith("caller") and first["outcome"] == "raised" and "OSError" in first["mro"]:
         assert first["errno"] in (None, 24), _raised(first)  # EMFILE
-    assert not result["left"], result["left"]
-    assert result["second"]["outcome"] == "returned", _raised(result["second"])
-    assert not result["left_after"], result["left_after"]
 
 
 # --------------------------------------------------- 10. zygote SIGKILLed mid-call
@@ -492,9 +496,7 @@ def test_zygote_sigkilled_at_random_points_of_a_call(box):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", ["sigign", "waitpid"])
 def test_children_reaped_by_someone_else(box, variant, path):
-    proc = box.driver("reaper", variant, path)
-    result = box.report(proc, "result", seconds=100)
-    assert box.finish(proc) == 0, box.logs(proc)
+    result = box.result("reaper", variant, path, seconds=100)
     assert result["ok"]["outcome"] == "returned", _raised(result["ok"])
     assert result["run"]["outcome"] == "returned", _raised(result["run"])
     assert result["run"]["value"] == "[0, 1]", result["run"]
@@ -512,9 +514,7 @@ def test_children_reaped_by_someone_else(box, variant, path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", PATHS)
 def test_no_silent_loss_in_fastspawn_run(box, path):
-    proc = box.driver("silent", path)
-    result = box.report(proc, "result", seconds=100)
-    assert box.finish(proc) == 0, box.logs(proc)
+    result = box.result("silent", path, seconds=100)
     # A rank interrupted (KeyboardInterrupt) before returning is that rank's failure.
     interrupted = result["interrupted"]
     assert interrupted["type"] in ("ProcessRaisedException", "ProcessExitedException"), _raised(interrupted)
