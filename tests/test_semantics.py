@@ -1200,3 +1200,117 @@ def test_torch_names_are_all_provided():
     missing = [name for name in torch_spawn.__all__ if not hasattr(fastspawn, name)]
     assert missing == []
     assert fastspawn.ENV_VAR_PARALLEL_START == torch_spawn.ENV_VAR_PARALLEL_START
+
+
+# --------------------------------------------------------------------------- nothing lost (issue 10)
+RUN_CASES = [("spawn", True), ("spawn", False), ("fork", None)]  # (start method, zygote)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_run_reports_a_rank_ended_by_keyboard_interrupt(method, zygote):
+    """fastspawn.run owes every rank's value: a rank that ends by KeyboardInterrupt is a
+    failure (its traceback, its exit by SIGINT), not a quiet exit 0 (spawn keeps torch's
+    quiet end: test_keyboard_interrupt_in_child_counts_as_success)."""
+    with pytest.raises(ProcessRaisedException) as info:
+        fastspawn.run(w.interrupt_in_rank, 2, (1,), start_method=method, zygote=zygote)
+    assert info.value.error_index == 1
+    assert info.value.msg.startswith("\n\n-- Process 1 terminated with the following error:\nTraceback")
+    assert info.value.msg.endswith("\nKeyboardInterrupt\n")
+    ctx = fastspawn._api.launch(w.interrupt_in_rank, (1,), 2, start_method=method, zygote=zygote,
+                                return_values=True)
+    ctx._run.wait_all(WAIT)
+    assert [p.exitcode for p in ctx.processes] == [0, -signal.SIGINT]
+    assert ctx.return_value(0) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_run_names_the_rank_whose_return_value_cannot_be_unpickled(method, zygote):
+    with pytest.raises(RuntimeError) as info:
+        fastspawn.run(w.return_unloadable_in_rank, 2, (1,), start_method=method, zygote=zygote)
+    assert str(info.value) == (
+        "the return value of process 1 could not be unpickled in the parent: "
+        "RuntimeError: return value refuses to load in the parent"
+    )
+    assert str(info.value.__cause__) == "return value refuses to load in the parent"
+
+
+_SIGCHLD_IGNORED = """
+    import signal, sys
+    sys.path.insert(0, %r)
+    import fastspawn
+    import _workers as w
+
+    if __name__ == "__main__":
+        method, zygote = sys.argv[1], sys.argv[2] == "1"
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+        print(fastspawn.start_processes(w.noop, nprocs=2, start_method=method, zygote=zygote))
+        print(fastspawn.run(pow, 2, (2,), start_method=method, zygote=zygote))
+        for fn, args in ((w.raise_in_rank, (1,)), (w.exit_abruptly_in_rank, (0, 7))):
+            try:
+                fastspawn.start_processes(fn, args, nprocs=2, start_method=method, zygote=zygote)
+            except fastspawn.ProcessException as exc:
+                print(type(exc).__name__, exc.error_index, getattr(exc, "exit_code", None))
+                print(str(exc).strip().splitlines()[-1])
+""" % os.path.dirname(os.path.abspath(w.__file__))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_sigchld_ignored_in_the_parent(tmp_path, method, zygote):
+    """Someone else collects the children's exit statuses: success and raised errors are
+    still told apart by the ranks' own records; a rank that left without a word is a
+    failure saying so (never a made-up exit code 255)."""
+    done = _run_script(tmp_path, _SIGCHLD_IGNORED, method, "1" if zygote else "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "None",
+        "[0, 1]",
+        "ProcessRaisedException 1 None",
+        "ValueError: legitimate exception from process 1",
+        "ProcessExitedException 0 UnknownExitStatus()",
+        "process 0 ended, but its exit status was collected by another process "
+        "(SIGCHLD ignored, or a waitpid(-1) loop) and it reported none",
+    ]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_programs_a_rank_runs_inherit_only_stdio(method, zygote, tmp_path):
+    """A rank's own channels (control, result, resource tracker) are close-on-exec: a
+    program it runs with close_fds=False, or through os.system, has fds 0-2 only (plus
+    the one its listing opens)."""
+    listings = fastspawn.run(w.fds_of_a_subprocess, 2, start_method=method, zygote=zygote)
+    assert listings == [["0", "1", "2", "3"]] * 2
+    path = str(tmp_path / "fds")
+    assert fastspawn.run(w.fds_of_os_system, 2, (path,), start_method=method, zygote=zygote) == [0, 0]
+    for rank in range(2):
+        with open(f"{path}.{rank}") as fh:
+            assert fh.read().split() == ["0", "1", "2", "3"]
+
+
+@pytest.mark.timeout(120, method="signal")  # teardown must run: it thaws the frozen rank
+@pytest.mark.skipif(w.Freezer.missing() is not None, reason=str(w.Freezer.missing()))
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_join_is_bounded_with_a_rank_that_cannot_die(method, launch, caplog):
+    """A frozen rank (it cannot die, even of SIGKILL) while another fails: join raises
+    within the stop's bounds, the rank it could not reap is logged (pid and state) and
+    reaped by the engine once it can die."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with w.Freezer() as freezer:
+        ctx = launch(w.raise_in_rank_others_sleep, (0,), 2, method)
+        pid1 = ctx.pids()[1]
+        freezer.freeze(pid1)
+        with pytest.raises(ProcessRaisedException) as info:
+            join_all(ctx, grace_period=0.2)
+        assert info.value.error_index == 0
+        messages = [r.getMessage() for r in our_records(caplog)]
+        assert messages[:2] == [TERM_MSG % pid1, KILL_MSG % pid1]
+        assert re.fullmatch(
+            rf"fastspawn: process {pid1} \(rank 1\) did not exit after SIGKILL \(state \w \([^)]*\)\); "
+            r"it will be reaped when it exits",
+            messages[2],
+        ), messages
+        assert ctx.processes[1].is_alive()
+    assert _wait_dead([pid1])
