@@ -138,6 +138,7 @@ class _Run:
         self.exitcodes: List[Optional[int]] = [None] * nprocs
         self.outputs: List[bytes] = [b""] * nprocs
         self.exit_order: List[int] = []
+        self.abandoned: set = set()  # ranks a stop handed to the engine's reaper
         self._absorbing = threading.Lock()
         self._finalizer = weakref.finalize(self, _collect_group, self.group)
         self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
@@ -147,7 +148,9 @@ class _Run:
         with self._absorbing:
             for rank, _pid, code, output in exits:
                 if self.exitcodes[rank] is None:
-                    if code is None:  # reaped by someone else: the rank's own word, if any
+                    if code is None and rank in self.abandoned:  # SIGKILLed, reaper's now
+                        code = -signal.SIGKILL
+                    elif code is None:  # reaped by someone else: the rank's own word, if any
                         code = _payload.exit_status(output)
                         if code is None:
                             code = UnknownExitStatus()
@@ -194,7 +197,9 @@ class _Run:
         KeyboardInterrupt propagates. ``grace`` 0 (or ``signal`` 0) kills at once.
         """
         try:
-            return _stop_group(self.group, grace, signal)
+            killed, unreaped = _stop_group(self.group, grace, signal)
+            self.abandoned.update(unreaped)
+            return killed
         finally:
             self.poll()
 
@@ -207,13 +212,10 @@ class _Run:
         return sum(1 for rank in range(self.group.size) if self.group.running(rank))
 
 
-def _stop_group(group: Any, grace: float, sig: int = signal.SIGTERM) -> List[int]:
-    """:meth:`_Run.stop` on a bare engine group (also for one whose run is gone)."""
-    try:  # ENGINE-SHIM: until the engine's new stop is merged
-        killed, unreaped = group.stop(grace, sig)
-    except TypeError:
-        group.stop(grace)
-        killed, unreaped = [], []
+def _stop_group(group: Any, grace: float, sig: int = signal.SIGTERM) -> Tuple[List[int], List[int]]:
+    """:meth:`_Run.stop` on a bare engine group (also for one whose run is gone): returns
+    the ranks that got SIGKILL and those handed to the engine's reaper."""
+    killed, unreaped = group.stop(grace, sig)
     for rank, pid, state in unreaped:
         log.warning(
             "fastspawn: process %d (rank %d) did not exit after SIGKILL (state %s); "
@@ -222,7 +224,7 @@ def _stop_group(group: Any, grace: float, sig: int = signal.SIGTERM) -> List[int
             rank,
             state,
         )
-    return [int(rank) for rank in killed]
+    return [int(rank) for rank in killed], [int(rank) for rank, _pid, _state in unreaped]
 
 
 def _collect_group(group: Any) -> None:
@@ -666,15 +668,6 @@ def _resolve_program(name: str, env: Mapping[str, str]) -> str:
     return found
 
 
-def _child_running(pid: int) -> bool:  # ENGINE-SHIM: _core.child_running once merged
-    if hasattr(_core, "child_running"):
-        return bool(_core.child_running(pid))
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return False
-
-
 def _tracker_fd() -> int:
     """multiprocessing's resource tracker fd for the children, started if need be.
 
@@ -684,7 +677,7 @@ def _tracker_fd() -> int:
     """
     tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
     fd, pid = tracker._fd, tracker._pid
-    if fd is not None and pid is not None and _child_running(pid):
+    if fd is not None and pid is not None and _core.child_running(pid):
         return int(fd)
     return int(resource_tracker.getfd())
 
@@ -732,9 +725,10 @@ def _launch(
         )
         for i, (name, identity) in enumerate(_process_names(start_method, nprocs))
     ]
-    if start_method == "fork":
-        run = _Run(nprocs, daemon)
-        try:
+    run: Optional[_Run] = None
+    try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
+        if start_method == "fork":
+            run = _Run(nprocs, daemon)
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
                 if pid == 0:
@@ -745,37 +739,33 @@ def _launch(
                         return fn, args
 
                     _child.run_forked(spec, load, control_fd, result_fd)
-        except BaseException:
-            run.stop(0.0)
-            raise
-    else:
-        plain = _payload.is_plain(fn, args)
-        payload, pass_fds = _payload.dumps_call(fn, args, plain)
-        preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
-        tracker_fd = _tracker_fd() if nprocs else None
-        run = None
-        if nprocs and use_zygote:
-            zygote = _zygotes.get(preparation)
-            if zygote is not None:
-                run = _Run(nprocs, daemon)
-                module = getattr(fn, "__module__", None)
-                try:
+        else:
+            plain = _payload.is_plain(fn, args)
+            payload, pass_fds = _payload.dumps_call(fn, args, plain)
+            preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
+            tracker_fd = _tracker_fd() if nprocs else None
+            if nprocs and use_zygote:
+                zygote = _zygotes.get(preparation)
+                if zygote is not None:
+                    run = _Run(nprocs, daemon)
+                    module = getattr(fn, "__module__", None)
                     reason = zygote.spawn(
                         run.group, specs, payload, pass_fds, tracker_fd,
                         None if module == "__main__" else module, os.getpid(),
                         envs, stdio.pairs, plain=plain,
                     )
-                except BaseException:
-                    run.stop(0.0)
-                    raise
-                if reason is not None:
-                    _zygotes.fallback_warning(zygote.key, reason)
-                    run = None
-        if run is None:
-            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
-    log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
-    processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
-    return ProcessContext(processes, [None] * nprocs)
+                    if reason is not None:
+                        _zygotes.fallback_warning(zygote.key, reason)
+                        run = None
+            if run is None:
+                run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
+        log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
+        processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
+        return ProcessContext(processes, [None] * nprocs)
+    except BaseException:
+        if run is not None:
+            run.stop(0.0)
+        raise
 
 
 def start_processes(

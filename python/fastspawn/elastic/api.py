@@ -546,7 +546,7 @@ class PContext(abc.ABC):
                 signal.SIGKILL,
             )
         for rank in killed:
-            if run.exitcodes[rank] is None:
+            if rank in run.abandoned:
                 logger.error(
                     "Process %s did not exit after %s within %ss; abandoning and continuing teardown."
                     " Worker may be in uninterruptible kernel sleep (e.g. wedged on GPU/NIC);"
