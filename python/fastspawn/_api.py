@@ -19,7 +19,7 @@ import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
 from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from . import _child, _core, _payload, _zygote
 from ._errors import UNKNOWN_STATUS_TEXT, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
@@ -138,7 +138,7 @@ class _Run:
         self.exitcodes: List[Optional[int]] = [None] * nprocs
         self.outputs: List[bytes] = [b""] * nprocs
         self.exit_order: List[int] = []
-        self.abandoned: set = set()  # ranks a stop handed to the engine's reaper
+        self.abandoned: Set[int] = set()  # ranks a stop handed to the engine's reaper
         self._absorbing = threading.Lock()
         self._finalizer = weakref.finalize(self, _collect_group, self.group)
         self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
@@ -386,6 +386,13 @@ class ProcessContext:
         passed first. When a child fails, the others get ``grace_period`` seconds to
         exit, then SIGTERM, then (after another grace period, 30 s by default) SIGKILL,
         and the failure is raised as ProcessRaisedException or ProcessExitedException.
+        That stop is bounded (:meth:`_Run.stop`): a child that cannot die even of SIGKILL
+        (frozen, stuck in the kernel) delays the raise by at most ``_core.KILL_WAIT``
+        seconds, is logged, and is reaped by the engine whenever it exits. A Ctrl-C
+        while waiting sends the children SIGINT, stops them the same way, and propagates.
+        A child whose exit status someone else collected (SIGCHLD ignored) is judged by
+        the exit record it wrote; without one its exit code is an
+        :class:`~fastspawn.UnknownExitStatus` and it counts as failed.
         """
         if not self._unjoined:
             return True
@@ -598,7 +605,9 @@ def launch(
     environment for rank i before the child loads anything; ``stdio[i]`` is a
     ``(stdout_fd, stderr_fd)`` pair of the caller's fds (or None) that become rank i's
     fds 1 and 2; with ``return_values``, :meth:`ProcessContext.return_value` gives what
-    ``fn`` returned in each rank.
+    ``fn`` returned in each rank, and a rank that ends by KeyboardInterrupt owes one: it
+    reports the traceback and dies by SIGINT (a failure), where torch's children end
+    quietly with exit code 0 (as they still do without ``return_values``).
     """
     if start_method is None:  # as multiprocessing.get_context(None): the default method
         start_method = multiprocessing.get_start_method()

@@ -711,6 +711,7 @@ class AgentStore:
             self._close_listener()  # the helper holds it now: should it die, the port closes
             writer.close()
         run = context._run  # noqa: SLF001
+        assert run is not None
         deadline = time.monotonic() + self.READY_TIMEOUT
         os.set_blocking(reader.fileno(), False)  # the engine's wait tells when to read
         try:

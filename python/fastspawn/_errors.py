@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-__all__ = ["ProcessException", "ProcessRaisedException", "ProcessExitedException"]
+__all__ = ["ProcessException", "ProcessRaisedException", "ProcessExitedException", "UnknownExitStatus"]
 
 
 class ProcessException(Exception):

@@ -241,17 +241,17 @@ def decode(output: bytes) -> Optional[Record]:
         if kind == "return":
             try:
                 return Record(kind, text, None, pickle.loads(data))
-            except Exception as exc:
-                return Record("unreadable", f"{type(exc).__name__}: {exc}", exc)
-        exc: Optional[BaseException] = None
+            except Exception as why:
+                return Record("unreadable", f"{type(why).__name__}: {why}", why)
+        raised: Optional[BaseException] = None
         if data is not None:
             try:
-                exc = pickle.loads(data)
+                raised = pickle.loads(data)
             except Exception:
-                exc = None
-        if not isinstance(exc, BaseException):
-            exc = None
-        return Record(kind, text, exc)
+                raised = None
+        if not isinstance(raised, BaseException):
+            raised = None
+        return Record(kind, text, raised)
     return None
 
 

@@ -529,6 +529,7 @@ class PContext(abc.ABC):
         if pc is None:
             return
         run = pc._run
+        assert run is not None
         run.poll()
         run.group.begin_stop()  # what a rank started dies with it
         for rank, code in enumerate(run.exitcodes):
