@@ -501,10 +501,7 @@ def run_rank(kind: str, name: str, args: Sequence[str]) -> None:
     except BaseException as exc:
         _report_script_error(exc)
         if isinstance(exc, KeyboardInterrupt):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+            raise  # fastspawn's rank code then ends the rank by SIGINT, as an interpreter ends
         raise SystemExit(1) from None
 
 
