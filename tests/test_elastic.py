@@ -808,3 +808,13 @@ def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
     gc.collect()
     extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert extra == {}
+
+
+@pytest.mark.timeout(30)
+def test_failure_with_unknown_exit_status_says_so():
+    failure = fe.ProcessFailure(local_rank=0, pid=123, exitcode=fastspawn.UnknownExitStatus(), error_file="")
+    assert failure.message == (
+        "Process 123 ended, but its exit status was collected by another process (SIGCHLD ignored, "
+        "or a waitpid(-1) loop) and it reported none"
+    )
+    assert failure.signal_name() == "<N/A>"

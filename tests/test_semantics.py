@@ -1134,6 +1134,7 @@ def test_all_names():
             "ProcessRaisedException",
             "SpawnContext",
             "SpawnedProcess",
+            "UnknownExitStatus",
             "ZygoteError",
             "__version__",
             "patch_torch",
@@ -1269,7 +1270,7 @@ def test_sigchld_ignored_in_the_parent(tmp_path, method, zygote):
         "[0, 1]",
         "ProcessRaisedException 1 None",
         "ValueError: legitimate exception from process 1",
-        "ProcessExitedException 0 UnknownExitStatus()",
+        "ProcessExitedException 0 UnknownExitStatus()",  # fastspawn.UnknownExitStatus: 1, says so
         "process 0 ended, but its exit status was collected by another process "
         "(SIGCHLD ignored, or a waitpid(-1) loop) and it reported none",
     ]
@@ -1332,3 +1333,14 @@ def test_join_is_bounded_with_a_rank_that_cannot_die(method, launch, caplog):
     while fastspawn._core.child_running(pid1) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not fastspawn._core.child_running(pid1)
+
+
+@pytest.mark.timeout(30)
+def test_unknown_exit_status_is_a_failure_that_says_so():
+    """What a rank's exit code reads when its status was collected elsewhere and it
+    reported none: a failure (!= 0), not a made-up status, and it survives pickling
+    (exceptions carrying it cross processes)."""
+    code = fastspawn.UnknownExitStatus()
+    assert code != 0 and repr(code) == str(code) == "UnknownExitStatus()"
+    again = pickle.loads(pickle.dumps(ProcessExitedException("lost", 0, 1, code)))
+    assert type(again.exit_code) is fastspawn.UnknownExitStatus

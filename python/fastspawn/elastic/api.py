@@ -531,7 +531,6 @@ class PContext(abc.ABC):
         run = pc._run
         assert run is not None
         run.poll()
-        run.group.begin_stop()  # what a rank started dies with it
         for rank, code in enumerate(run.exitcodes):
             if code is None:
                 logger.warning(
