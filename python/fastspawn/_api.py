@@ -192,7 +192,8 @@ class _Run:
         returns within ``grace + KILL_WAIT`` seconds (plus at most one second for children
         still starting elsewhere), whatever the children do. A child that is still not
         reaped then (stuck in the kernel, frozen) is logged (one WARNING naming its pid and
-        state) and left to the engine's reaper, which reaps it whenever it exits. A Ctrl-C
+        state) and left to the engine's reaper, which reaps it whenever it exits; its exit
+        code reads -SIGKILL (what it dies of: it never runs user code again). A Ctrl-C
         during the grace cuts it short: the SIGKILL step still runs, then the
         KeyboardInterrupt propagates. ``grace`` 0 (or ``signal`` 0) kills at once.
         """
