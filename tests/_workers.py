@@ -376,6 +376,18 @@ def fds_of_os_system(i, path):
     return os.system(f"ls /proc/self/fd > {path}.{i}")
 
 
+def mark_when_interrupted(i, directory):
+    """Say "ready" (a file), sleep until a KeyboardInterrupt, then leave a file named
+    after this pid."""
+    try:
+        with open(os.path.join(directory, f"ready-{os.getpid()}"), "w"):
+            pass
+        _sleep_forever()
+    except KeyboardInterrupt:
+        with open(os.path.join(directory, str(os.getpid())), "w"):
+            pass
+
+
 # --------------------------------------------------------------------------- test side
 class Freezer:
     """A freezer cgroup (v1) of its own: ``freeze(pid)`` makes a process unable to run, or

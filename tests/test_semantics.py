@@ -1344,3 +1344,50 @@ def test_unknown_exit_status_is_a_failure_that_says_so():
     assert code != 0 and repr(code) == str(code) == "UnknownExitStatus()"
     again = pickle.loads(pickle.dumps(ProcessExitedException("lost", 0, 1, code)))
     assert type(again.exit_code) is fastspawn.UnknownExitStatus
+
+
+_CTRL_C_AT_EXIT = """
+    import sys
+    sys.path.insert(0, %r)
+    import fastspawn
+    import _workers as w
+
+    if __name__ == "__main__":
+        runs = [fastspawn.start_processes(w.mark_when_interrupted, (sys.argv[1],), nprocs=2, join=False,
+                                          start_method=method) for method in ("spawn", "fork")]
+        print(*[pid for ctx in runs for pid in ctx.pids()], flush=True)
+        # the end of the script: the interpreter joins the children at exit
+""" % os.path.dirname(os.path.abspath(w.__file__))
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_at_interpreter_exit_stops_every_run(tmp_path):
+    """Non-daemon children are joined at exit (as multiprocessing does); a Ctrl-C there
+    stops every run left the way a Ctrl-C in join() does (SIGINT first), and the
+    interpreter ends."""
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent(_CTRL_C_AT_EXIT))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(marks)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 4, proc.communicate(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while True:  # until every child sleeps and the interpreter waits in fastspawn's exit hook
+            with open(f"/proc/{proc.pid}/wchan") as fh:
+                if fh.read() == "do_epoll_wait" and len(os.listdir(marks)) == 4:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in err
+    interrupted = [int(name) for name in os.listdir(marks) if not name.startswith("ready-")]
+    assert sorted(interrupted) == sorted(pids)  # each got its SIGINT
+    assert _wait_dead(pids)
