@@ -165,13 +165,18 @@ def zygote_pid():
 
 
 def zygotes():
-    """Our zygote processes (alive), whichever call started them: children running the
-    zygote's bootstrap that hold a socket (its ranks, forks of it, have the same command
-    line but no socket)."""
+    """Our live zygote (at most one), whichever call started it. Its ranks are forks of it
+    with the same command line, and for a moment after the fork they still hold its socket
+    and sit in its process group; the zygote leads its own group and is the oldest of them."""
     me = os.getpid()
-    return [pid for pid in kit.children(me)
-            if "fastspawn._zygote" in kit.cmdline(pid)
-            and (kit.stat(pid) or kit.Stat("Z", 0, 0, 0)).state != "Z" and _holds_socket(pid)]
+    found = []
+    for pid in kit.children(me):
+        st = kit.stat(pid)
+        if st is None or st.state == "Z" or st.pgid != pid or "fastspawn._zygote" not in kit.cmdline(pid):
+            continue
+        if _holds_socket(pid):
+            found.append((st.start, pid))
+    return [min(found)[1]] if found else []
 
 
 def _holds_socket(pid):
