@@ -7,13 +7,13 @@ preloaded by the plugin) before the test modules, and it must stay cheap.
   assertion rewriting, as the pytest process imported them, so ``assert a == b`` explains
   itself in a rank too. The modules to rewrite come from the session file named by
   ``FASTSPAWN_PYTEST_SESSION`` (for the zygote) and from the call itself (for a rank).
-- :class:`RankMain` is the function every rank runs: environment, stack dumps on SIGTERM,
-  the test body, and one result file that the pytest process reads.
+- :class:`RankMain` is the function every rank runs: environment, stack dumps on SIGTERM
+  and fatal signals (into its :class:`fastspawn.testing.RankFile`), the test body, and one
+  result file that the pytest process reads.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -155,17 +155,14 @@ class Job(NamedTuple):
     nprocs: int
     master_addr: str
     master_port: int
-    outdir: str  # where each rank writes rank<i>.result and rank<i>.stack
+    outdir: str  # where each rank writes rank<i>.result
+    stacks: Sequence[Any]  # fastspawn.testing.RankFile by rank: where stacks are dumped
     warning_filters: List[Tuple[Any, ...]]  # the pytest process's filters during the call
     report: Dict[str, Any]  # how to format a failure (see plugin._report_options)
 
 
 def result_path(outdir: str, rank: int) -> str:
     return os.path.join(outdir, f"rank{rank}.result")
-
-
-def stack_path(outdir: str, rank: int) -> str:
-    return os.path.join(outdir, f"rank{rank}.stack")
 
 
 class RankMain:
@@ -191,11 +188,12 @@ class RankMain:
             MASTER_ADDR=job.master_addr,
             MASTER_PORT=str(job.master_port),
         )
-        stacks = open(stack_path(job.outdir, rank), "w")
-        faulthandler.enable(stacks, all_threads=True)
-        # SIGTERM (timeout, or another rank failed): dump every thread's stack, then die
-        # of SIGTERM as the default action would.
-        faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
+        for other, stacks in enumerate(job.stacks):
+            if other != rank:
+                stacks.close()
+        # SIGTERM (timeout, or another rank failed) and fatal signals: dump every thread's
+        # stack, then die as the default action would.
+        job.stacks[rank].dump_stacks_on_signals()
         kwargs = {k: (rank if v is RANK else v) for k, v in job.kwargs.items()}
         with warnings.catch_warnings():
             _apply_warning_filters(job.warning_filters)

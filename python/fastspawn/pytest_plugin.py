@@ -32,7 +32,8 @@ MASTER_ADDR = "127.0.0.1"
 # After one rank ended without passing (failed, skipped, crashed), the others get this
 # long to end on their own before they are stopped with their stacks dumped.
 _SETTLE_SECONDS = 5.0
-# Between SIGTERM (each rank dumps its stacks, then dies) and SIGKILL.
+# Between SIGTERM (each rank dumps its stacks, then dies) and SIGKILL. Stopping takes at
+# most this plus _core.KILL_WAIT seconds, even for a rank that cannot die (see _api._Run.stop).
 _STOP_GRACE_SECONDS = 5.0
 
 _MARKER_HELP = (
@@ -294,14 +295,14 @@ class Spawner:
 
     def close(self) -> None:
         """Stop (SIGTERM, then SIGKILL) whatever is still running."""
-        running = {}
-        for context in self._contexts:
-            for index, process in enumerate(context.processes):
-                if process.is_alive():
-                    running[(id(context), index)] = process
+        from fastspawn.testing import stop_ranks
+
+        running = sum(1 for context in self._contexts for process in context.processes if process.is_alive())
         if running:
-            log.warning("fastspawn: stopping %d process(es) still running at teardown", len(running))
-        _stop(running)
+            log.warning("fastspawn: stopping %d process(es) still running at teardown", running)
+        for context in self._contexts:
+            if context._run is not None:
+                stop_ranks(context._run, _STOP_GRACE_SECONDS)
         self._contexts.clear()
 
 
@@ -345,11 +346,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
     from fastspawn import _pytest_rank as ranks
+    from fastspawn.testing import RankFiles
 
     state = _session(item.config)
     state.activate()
     outdir = tempfile.mkdtemp(prefix="test-", dir=state.directory())
     port = _reserve_port()
+    stacks = RankFiles(options.nprocs, "stacks")
     try:
         kwargs = _test_arguments(item)
         job = ranks.Job(
@@ -359,13 +362,15 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
             master_addr=MASTER_ADDR,
             master_port=port.getsockname()[1],
             outdir=outdir,
+            stacks=stacks.for_ranks(),
             warning_filters=_warning_filters(),
             report=state.report_options(item.config),
         )
         main = ranks.RankMain(item.module.__name__, state.rewrite_map())  # type: ignore[union-attr]
         context = _start(item, main, job, options)
-        ended = _watch(context, options.timeout, outdir)
+        ended = _watch(context, options.timeout, outdir, stacks)
     finally:
+        stacks.close()
         port.close()
         shutil.rmtree(outdir, ignore_errors=True)
     _conclude(item, options, ended)
@@ -512,70 +517,52 @@ class Ended(NamedTuple):
     timed_out: bool
     elapsed: float
     crash_detail: Dict[int, str]  # error the machinery reported for a rank without result
+    unstoppable: List[int]  # stopped ranks still running after SIGKILL (frozen, in the kernel)
 
 
-def _watch(context: Any, timeout: Optional[float], outdir: str) -> Ended:
+def _watch(context: Any, timeout: Optional[float], outdir: str, stacks: Any) -> Ended:
     """Wait for the ranks: until all ended, the timeout, or (after a rank ended without
     passing) the settle time; stop whatever is still running, stacks dumped."""
-    from multiprocessing.connection import wait as wait_ready
+    from fastspawn._pytest_rank import result_path
+    from fastspawn.testing import stop_ranks
 
-    from fastspawn._pytest_rank import result_path, stack_path
-
+    run = context._run
     processes = list(context.processes)
     n = len(processes)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     settle_by: Optional[float] = None
     results: List[Optional[Dict[str, Any]]] = [None] * n
-    pending = dict(enumerate(processes))
+    seen = 0  # run.exit_order[:seen] are read
     timed_out = False
+    unstoppable: List[int] = []
     try:
-        while pending:
+        while seen < n:
             ends = [t for t in (deadline, settle_by) if t is not None]
-            left = None if not ends else max(0.0, min(ends) - time.monotonic())
-            by_sentinel = {process.sentinel: r for r, process in pending.items()}
-            ready = wait_ready(list(by_sentinel), left)
-            for sentinel in ready:
-                r = by_sentinel[sentinel]
-                pending.pop(r).join()
+            if ends and time.monotonic() >= min(ends):
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                break
+            run.wait_any(None if not ends else max(0.0, min(ends) - time.monotonic()), seen)
+            for r in run.exit_order[seen:]:
+                seen += 1
                 results[r] = _read_result(result_path(outdir, r))
                 if settle_by is None and (results[r] or {}).get("outcome") != "passed":
                     settle_by = time.monotonic() + _SETTLE_SECONDS
-            if not ready and ends and time.monotonic() >= min(ends):
-                timed_out = deadline is not None and time.monotonic() >= deadline
-                break
     finally:
-        _stop(pending)  # also on KeyboardInterrupt or a pytest-timeout in the wait
+        pending = [r for r in range(n) if r not in run.exit_order[:seen]]
+        if pending:  # also on KeyboardInterrupt or a pytest-timeout in the wait
+            unstoppable = stop_ranks(run, _STOP_GRACE_SECONDS)[1]
     elapsed = time.monotonic() - started
-    stopped = {r: _test_frames(_read_text(stack_path(outdir, r))) for r in pending}
+    stopped = {r: _test_frames(stacks.text(r)) for r in pending}
     crash_detail: Dict[int, str] = {}
     exitcodes = [process.exitcode for process in processes]
     if any(results[r] is None and r not in stopped for r in range(n)):
         crash_detail = _machinery_errors(context)
     for r in range(n):
         if results[r] is None and r not in stopped:
-            crash_detail.setdefault(r, _test_frames(_read_text(stack_path(outdir, r))))
-    return Ended(results, exitcodes, [process.pid for process in processes], stopped, timed_out, elapsed, crash_detail)
-
-
-def _stop(processes: Mapping[Any, Any], grace: float = _STOP_GRACE_SECONDS) -> None:
-    """SIGTERM (a rank dumps its stacks then dies), up to ``grace`` s, SIGKILL, reap."""
-    from multiprocessing.connection import wait as wait_ready
-
-    alive = [p for p in processes.values() if p.is_alive()]
-    for process in alive:
-        process.terminate()
-    deadline = time.monotonic() + grace
-    while alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        wait_ready([p.sentinel for p in alive], left)
-        alive = [p for p in alive if p.is_alive()]
-    for process in alive:
-        process.kill()
-    for process in processes.values():
-        process.join()
+            crash_detail.setdefault(r, _test_frames(stacks.text(r)))
+    pids = [process.pid for process in processes]
+    return Ended(results, exitcodes, pids, stopped, timed_out, elapsed, crash_detail, unstoppable)
 
 
 def _machinery_errors(context: Any) -> Dict[int, str]:
@@ -618,14 +605,6 @@ def _test_frames(dump: str) -> str:
         if not skipping:
             lines.append(line)
     return "\n".join(lines)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------- the test's outcome
@@ -688,6 +667,11 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
             else f"rank {r} {_exit_text(ended.exitcodes[r])}"
             for r in sorted(failed + crashed)
         )
+    if ended.unstoppable:
+        headline += (
+            f"; rank(s) {', '.join(map(str, sorted(ended.unstoppable)))} did not exit even after SIGKILL "
+            "(frozen, or stuck in the kernel)"
+        )
     sections: List[Tuple[str, Any]] = []
     crash: Optional[Tuple[str, int, str]] = None  # where the first failing rank failed
     path, lineno, _ = item.reportinfo()
@@ -709,7 +693,13 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
             sections.append((title, ended.crash_detail.get(r) or "(it reported nothing)"))
         elif r in ended.stopped:
             why = "when the timeout expired" if ended.timed_out else f"{_SETTLE_SECONDS:g} s after another rank ended"
-            sections.append((f"{label} was stopped; its stack {why}", ended.stopped[r] or "(the rank dumped no stack)"))
+            body = ended.stopped[r] or "(the rank dumped no stack)"
+            if r in ended.unstoppable:
+                body = (
+                    "It did not exit even after SIGKILL (frozen, or stuck in the kernel): left "
+                    f"running, fastspawn reaps it when it exits.\n{body}"
+                )
+            sections.append((f"{label} was stopped; its stack {why}", body))
     if crash is None or ended.timed_out:
         crash = (str(path), (lineno or 0) + 1, headline)
     item.stash[_REPORT] = ("failed", SpawnFailureRepr(headline, sections, crash))
