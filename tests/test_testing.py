@@ -417,10 +417,7 @@ fastspawn.testing.TIMEOUT_OVERRIDE["test_frozen_rank"] = 1
 
 class Frozen(MultiProcessTestCase):
     kill_grace_period = 1.0
-
-    @property
-    def world_size(self):
-        return 2
+    world_size = 2  # a plain attribute does as well as torch-style properties
 
     def setUp(self):
         super().setUp()

@@ -25,7 +25,7 @@ import signal
 import sys
 import traceback
 import warnings
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, cast
 
 SESSION_ENV = "FASTSPAWN_PYTEST_SESSION"
 
@@ -61,7 +61,7 @@ class RewriteFinder(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.modules: Dict[str, str] = {}
-        self.parents: set = set()
+        self.parents: Set[str] = set()
 
     def update(self, modules: Mapping[str, str]) -> None:
         self.modules.update(modules)
@@ -138,7 +138,7 @@ class _PerRank:
 
     __hash__ = object.__hash__
     __int__ = __index__ = __float__ = __bool__ = __str__ = __format__ = _refuse
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
     __mod__ = __rmod__ = __floordiv__ = __truediv__ = _refuse
 
@@ -334,7 +334,7 @@ def _pytest_repr(exc: BaseException, style: str, report: Mapping[str, Any]) -> A
 
     from _pytest._code import ExceptionInfo
 
-    excinfo = ExceptionInfo.from_exc_info((type(exc), exc, exc.__traceback__))
+    excinfo = ExceptionInfo.from_exc_info(cast(Any, (type(exc), exc, exc.__traceback__)))
     options: Dict[str, Any] = {
         "funcargs": True,
         "abspath": report.get("abspath", False),
@@ -403,7 +403,7 @@ class _AssertionHooks:
 
         def explain(op: str, left: object, right: object) -> Optional[str]:
             try:
-                lines = assertion.pytest_assertrepr_compare(config=view, op=op, left=left, right=right)
+                lines = assertion.pytest_assertrepr_compare(config=cast(Any, view), op=op, left=left, right=right)
             except Exception:
                 return None  # the plain "assert left op right" stays
             if not lines:
@@ -420,5 +420,5 @@ class _AssertionHooks:
             return
         from _pytest.assertion import util
 
-        util._reprcompare, util._config = cls.saved  # type: ignore[assignment]
+        util._reprcompare, util._config = cls.saved
         cls.saved = None

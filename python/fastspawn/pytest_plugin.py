@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
 import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
@@ -122,7 +122,6 @@ class _Session:
             return
         import json
 
-        import fastspawn
         from fastspawn import _api
 
         path = os.path.join(self.directory(), "session.json")
@@ -133,7 +132,7 @@ class _Session:
         self._saved_preload = list(_api._zygotes.preload)
         rank_module = "fastspawn._pytest_rank"
         if rank_module not in self._saved_preload:
-            fastspawn.preload([rank_module, *self._saved_preload])
+            _api.preload([rank_module, *self._saved_preload])
         self.active = True
 
     def report_options(self, config: pytest.Config) -> Dict[str, Any]:
@@ -161,13 +160,13 @@ class _Session:
 
     def close(self) -> None:
         if self.active:
-            import fastspawn
+            from fastspawn import _api
 
             if self._saved_env is None:
                 os.environ.pop(_SESSION_ENV, None)
             else:
                 os.environ[_SESSION_ENV] = self._saved_env
-            fastspawn.preload(self._saved_preload or [])
+            _api.preload(self._saved_preload or [])
             self.active = False
         if self.torch_patch is not None:
             self.torch_patch.__exit__(None, None, None)
@@ -281,11 +280,14 @@ class Spawner:
     def __init__(self) -> None:
         self._contexts: List[Any] = []
 
-    def __call__(self, fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True, **options: Any) -> Any:
+    def __call__(
+        self, fn: Callable[..., Any], args: Tuple[Any, ...] = (), nprocs: int = 1, join: bool = True, **options: Any
+    ) -> Any:
         """``fastspawn.start_processes(fn, args, nprocs, join, daemon=..., start_method=...)``."""
-        import fastspawn
+        from fastspawn import _api
 
-        context = fastspawn.start_processes(fn, args, nprocs, join=False, **options)
+        context = _api.start_processes(fn, args, nprocs, join=False, **options)
+        assert context is not None
         self._contexts.append(context)
         if not join:
             return context
@@ -328,7 +330,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     if call.when != "call":
         return
@@ -366,7 +368,7 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
             warning_filters=_warning_filters(),
             report=state.report_options(item.config),
         )
-        main = ranks.RankMain(item.module.__name__, state.rewrite_map())  # type: ignore[union-attr]
+        main = ranks.RankMain(item.module.__name__, state.rewrite_map())
         context = _start(item, main, job, options)
         ended = _watch(context, options.timeout, outdir, stacks)
     finally:
@@ -410,7 +412,7 @@ def _warning_filters() -> List[Tuple[Any, ...]]:
             (
                 action,
                 getattr(message, "pattern", message) or "",
-                (category.__module__, category.__qualname__),
+                (category.__module__, cast(type, category).__qualname__),
                 getattr(module, "pattern", module) or "",
                 lineno,
             )
@@ -454,14 +456,14 @@ def _verbosity(config: pytest.Config, kind: Optional[str]) -> int:
 
 
 def _start(item: pytest.Function, main: Any, job: Any, options: SpawnOptions) -> Any:
-    import fastspawn
+    from fastspawn import _api
 
     with warnings.catch_warnings(record=True) as caught:
         # fastspawn's own notices (a zygote fallback, a preload failure) are not the
         # test's warnings: logged, never turned into errors by the test's filters.
         warnings.filterwarnings("always", message="fastspawn", category=RuntimeWarning)
         try:
-            context = fastspawn.start_processes(
+            context = _api.start_processes(
                 main, (job,), options.nprocs, join=False, start_method=options.start_method
             )
         except Exception:
@@ -568,13 +570,13 @@ def _watch(context: Any, timeout: Optional[float], outdir: str, stacks: Any) -> 
 def _machinery_errors(context: Any) -> Dict[int, str]:
     """The error fastspawn reported for a rank that never ran the test (e.g. a fixture
     value that failed to unpickle there): the first one, as ProcessContext.join gives it."""
-    import fastspawn
+    from fastspawn._errors import ProcessException, ProcessRaisedException
 
     try:
         context.join(0)
-    except fastspawn.ProcessRaisedException as exc:
+    except ProcessRaisedException as exc:
         return {exc.error_index: str(exc).strip()}
-    except fastspawn.ProcessException:
+    except ProcessException:
         pass
     return {}
 
@@ -584,7 +586,7 @@ def _read_result(path: str) -> Optional[Dict[str, Any]]:
 
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return cast(Optional[Dict[str, Any]], pickle.load(f))
     except (OSError, EOFError, pickle.UnpicklingError):
         return None
 
@@ -717,7 +719,7 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
 def _reason(ended: Ended, ranks: Sequence[int]) -> str:
     messages = {ended.results[r]["message"] for r in ranks}  # type: ignore[index]
     if len(messages) == 1 and len(ranks) == len(ended.results):
-        return messages.pop()
+        return str(messages.pop())
     return "; ".join(f"rank {r}: {ended.results[r]['message']}" for r in ranks)  # type: ignore[index]
 
 

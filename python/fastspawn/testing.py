@@ -49,6 +49,7 @@ not import torch.
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import logging
 import multiprocessing
 import os
@@ -64,7 +65,7 @@ import unittest
 import warnings
 from functools import wraps
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "DEFAULT_WORLD_SIZE",
@@ -140,7 +141,7 @@ def _skip_codes() -> Dict[int, Any]:
     return codes
 
 
-def _skip_exceptions() -> Tuple[type, ...]:
+def _skip_exceptions() -> Tuple[Type[BaseException], ...]:
     """What a skip looks like inside a rank: unittest's, and pytest's when pytest is loaded."""
     outcomes = sys.modules.get("_pytest.outcomes")
     pytest_skip = getattr(outcomes, "Skipped", None)
@@ -279,10 +280,9 @@ def stop_ranks(run: Any, grace: float) -> Tuple[List[int], List[int]]:
     Returns ``(killed, unstoppable)``: the ranks that got SIGKILL, and those of them still
     running when it returned (frozen, stuck in the kernel: fastspawn's reaper collects
     them when they exit)."""
-    from . import _core
-
-    killed = run.stop(grace, signal.SIGTERM)
-    unstoppable = [rank for rank in killed if _core.child_running(run.group.pid(rank))]
+    core = importlib.import_module("._core", __package__)
+    killed: List[int] = run.stop(grace, signal.SIGTERM)
+    unstoppable = [rank for rank in killed if core.child_running(run.group.pid(rank))]
     return killed, unstoppable
 
 
@@ -326,7 +326,7 @@ class _RankEntry:
     once in the zygote, and each rank is only a fork.
     """
 
-    def __init__(self, test_class: type) -> None:
+    def __init__(self, test_class: Type[_MultiProcessTestCaseBase]) -> None:
         self.test_class = test_class
         self.__module__ = test_class.__module__
 
