@@ -24,6 +24,10 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, Name
 import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fastspawn.testing import RankFiles
+
 log = logging.getLogger(__name__)
 
 START_METHODS = ("spawn", "fork", "forkserver")
@@ -522,7 +526,7 @@ class Ended(NamedTuple):
     unstoppable: List[int]  # stopped ranks still running after SIGKILL (frozen, in the kernel)
 
 
-def _watch(context: Any, timeout: Optional[float], outdir: str, stacks: Any) -> Ended:
+def _watch(context: Any, timeout: Optional[float], outdir: str, stacks: RankFiles) -> Ended:
     """Wait for the ranks: until all ended, the timeout, or (after a rank ended without
     passing) the settle time; stop whatever is still running, stacks dumped."""
     from fastspawn._pytest_rank import result_path
