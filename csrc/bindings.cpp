@@ -32,10 +32,12 @@ struct PyChunk {
 };
 
 // On EINTR inside a wait: run Python's signal handlers. A raised exception (e.g.
-// KeyboardInterrupt) ends the wait and is re-raised once the GIL is back.
+// KeyboardInterrupt) ends the wait and is re-raised once the GIL is back; handlers do
+// not run again meanwhile (the exception stays pending).
 struct SignalCheck {
     bool raised = false;
     bool operator()() {
+        if (raised) return true;
         py::gil_scoped_acquire gil;
         if (PyErr_CheckSignals() != 0) {
             raised = true;
@@ -48,7 +50,8 @@ struct SignalCheck {
 py::list to_python(std::vector<ExitInfo>&& exits) {
     py::list out;
     for (auto& e : exits)
-        out.append(py::make_tuple(e.rank, e.pid, e.exitcode, py::bytes(e.output)));
+        out.append(py::make_tuple(e.rank, e.pid, e.exitcode,
+                                  py::bytes(e.output)));
     return out;
 }
 
@@ -104,6 +107,11 @@ PYBIND11_MODULE(_core, m) {
     });
 
     m.attr("PARENT_DEATH_SIGNAL") = fastspawn::kParentDeathSignal;
+    m.attr("KILL_WAIT") = fastspawn::kKillWait;
+    m.def(
+        "child_running", [](int pid) { return fastspawn::child_running(static_cast<pid_t>(pid)); },
+        py::arg("pid"),
+        "Whether `pid` is a child of this process that has not exited yet (never reaps it).");
     m.def("pidfd_supported", &fastspawn::pidfd_supported,
           "Whether this kernel lets the engine watch children through pidfds.");
     m.def(
@@ -115,13 +123,15 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "zygote_fork_many",
-        [](int owner, const std::vector<ChildSpecFds>& children, int deferred) -> py::tuple {
+        [](int owner, const std::vector<ChildSpecFds>& children, int deferred, bool report_pids) -> py::tuple {
             std::vector<fastspawn::ChildFds> plans;
             plans.reserve(children.size());
             for (const auto& [announce, dup2s, close_fds] : children)
                 plans.push_back(fastspawn::ChildFds{announce, dup2s, close_fds});
             // One before/after pair around all the clones, and no Python in between: the
             // zygote writes nothing to its (now shared, copy-on-write) heap while forking.
+            std::vector<int> pids;
+            pids.reserve(plans.size());  // no allocation between the clones
             PyOS_BeforeFork();
             int forked = 0;
             int error = 0;
@@ -136,19 +146,24 @@ PYBIND11_MODULE(_core, m) {
                 if (pid == 0) {
                     if (static_cast<int>(i) != deferred && !fastspawn::enter_child(plans[i])) ::_exit(1);
                     PyOS_AfterFork_Child();
+                    if (report_pids) return py::make_tuple(static_cast<int>(i), 0, 0, py::list());
                     return py::make_tuple(static_cast<int>(i), 0, 0);
                 }
+                pids.push_back(static_cast<int>(pid));
                 ++forked;
             }
             PyOS_AfterFork_Parent();
+            if (report_pids) return py::make_tuple(-1, forked, error, py::cast(pids));
             return py::make_tuple(-1, forked, error);
         },
-        py::arg("owner"), py::arg("children"), py::arg("deferred") = -1,
+        py::arg("owner"), py::arg("children"), py::arg("deferred") = -1, py::kw_only(),
+        py::arg("pids") = false,
         "In the zygote: fork len(children) children of the caller back to back, each with "
         "clone(CLONE_PARENT) and its parent-death guard armed against `owner`. children[i] is (announce_fd, [(src, dst) dup2s], [fds to close]), "
         "applied in child i before Python resumes there, except in child `deferred`, which "
         "applies its own later with enter_child. Returns (i, 0, 0) in child i and "
-        "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did).");
+        "(-1, forked, errno) in the zygote, errno being why the fork after them failed (0: none did). "
+        "With pids=True a fourth item: [] in a child, the pids of the `forked` children in the zygote.");
     m.def(
         "enter_child",
         [](int announce, const std::vector<std::pair<int, int>>& dup2s, const std::vector<int>& close_fds) {
@@ -236,29 +251,59 @@ PYBIND11_MODULE(_core, m) {
             py::arg("timeout") = py::none(),
             "Wait for children started elsewhere to announce their pids; returns the ranks watched.")
         .def(
+            "adopt_pid",
+            [](Group& g, int rank, int pid) { return g.adopt_pid(rank, static_cast<pid_t>(pid)); },
+            py::arg("rank"), py::arg("pid"),
+            "Watch pending `rank` as `pid` (known from elsewhere) whether or not it ever "
+            "announces itself; its announcement is still stripped from its output. False, "
+            "and the rank dropped, when `pid` is not our child.")
+        .def("drop_pending", &Group::drop_pending, py::arg("rank"),
+             "A pending rank whose child was never made: close its pipes.")
+        .def(
             "wait",
-            [](Group& g, const py::object& timeout, bool all, std::size_t known) {
+            [](Group& g, const py::object& timeout, bool all, std::size_t known,
+               const std::vector<int>& watch) {
                 const double t = to_timeout(timeout);
                 return interruptible([&](const fastspawn::InterruptCheck& check) {
-                    return g.wait(t, all, known, check);
+                    return g.wait(t, all, known, check, watch);
                 });
             },
             py::arg("timeout") = py::none(), py::arg("all") = false, py::arg("known") = 0,
+            py::arg("watch") = std::vector<int>{},
             "Block (GIL released) until more than `known` children have exited (all of them "
-            "with all=True), or the timeout. Returns the exit log from `known` on: "
-            "[(rank, pid, exitcode, output_bytes)], in the order the children were reaped.")
+            "with all=True), the timeout, or one of the fds in `watch` is readable or hung "
+            "up. Returns the exit log from `known` on: [(rank, pid, exitcode, output_bytes)], "
+            "in the order the children ended; exitcode is None when the status is unknown "
+            "(someone else reaped the child, or stop() handed it to the reaper).")
         .def(
             "stop",
-            [](Group& g, double grace) {
-                py::gil_scoped_release nogil;
-                g.stop(grace);
+            [](Group& g, double grace, int sig, double kill_wait) {
+                SignalCheck check;
+                fastspawn::StopReport report;
+                {
+                    py::gil_scoped_release nogil;
+                    report = g.stop(grace, sig, kill_wait, [&check] { return check(); });
+                }
+                if (check.raised) throw py::error_already_set();
+                py::list unreaped;
+                for (const auto& u : report.unreaped)
+                    unreaped.append(py::make_tuple(u.rank, u.pid, u.state));
+                return py::make_tuple(py::cast(report.killed), unreaped);
             },
-            py::arg("grace"),
-            "SIGTERM every live child, wait up to `grace` s, SIGKILL their process groups, reap.")
+            py::arg("grace"), py::arg("signal") = SIGTERM, py::arg("kill_wait") = fastspawn::kKillWait,
+            "The one stop (GIL released): adopt pending ranks (<= min(kill_wait, 1) s); with "
+            "grace > 0 and signal != 0, `signal` to every live child and up to `grace` s for "
+            "them to exit (a Python signal handler raising cuts this short; the exception is "
+            "re-raised once stop is done); SIGKILL to every live child and its process group; "
+            "up to `kill_wait` s for them to die. Returns (killed, unreaped): the ranks that "
+            "got SIGKILL, and (rank, pid, state) of those still not dead, handed to the "
+            "engine's reaper (their exit is logged with exitcode None).")
         .def("begin_stop", &Group::begin_stop,
              "From now on, reaping a child first SIGKILLs what is left in its process group.")
         .def("send_signal", &Group::send_signal, py::arg("rank"), py::arg("sig"),
-             py::arg("group") = false)
+             py::arg("group") = false,
+             "Send `sig` to `rank` through its pidfd (group=True: also to its process group, "
+             "only while the child is unreaped). False when it has ended.")
         .def("pid", &Group::pid, py::arg("rank"))
         .def("running", &Group::running, py::arg("rank"))
         .def("sentinel", &Group::sentinel, py::arg("rank"));

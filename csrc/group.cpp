@@ -5,8 +5,12 @@
 #include <cmath>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <exception>
+#include <fstream>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <utility>
 
@@ -14,14 +18,27 @@
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#ifdef FASTSPAWN_HAVE_GUARDIAN
+#include "guardian.hpp"
+#else
+namespace fastspawn {
+namespace {
+// Until the guardian exists: the hooks a foreign program's start and reap call.
+void guardian_watch(pid_t) noexcept {}
+void guardian_forget(pid_t) noexcept {}
+}  // namespace
+}  // namespace fastspawn
+#endif
 
 namespace fastspawn {
 namespace {
 
-// One lock for all engine state. A fork (ours or anyone's, e.g. os.fork) takes it in
-// the prepare handler, so a child never sees a group half-updated.
+// One lock for all engine state (groups and the reaper). A fork (ours or anyone's, e.g.
+// os.fork) takes it in the prepare handler, so a child never sees it half-updated.
 std::mutex& engine_mutex() {
     static std::mutex mu;
     return mu;
@@ -32,24 +49,19 @@ std::vector<Group*>& live_groups() {
     return groups;
 }
 
-void atfork_prepare() { engine_mutex().lock(); }
-void atfork_parent() { engine_mutex().unlock(); }
-void atfork_child() {
-    for (Group* g : live_groups()) g->abandon_after_fork();
-    live_groups().clear();
-    engine_mutex().unlock();
-}
-
-void register_atfork_once() {
-    static std::once_flag once;
-    std::call_once(once, [] { ::pthread_atfork(atfork_prepare, atfork_parent, atfork_child); });
-}
-
 constexpr std::uint64_t kWakeData = ~static_cast<std::uint64_t>(0);
 constexpr std::uint64_t kExitTag = 0;
 constexpr std::uint64_t kResultTag = 1;
 constexpr std::size_t kDefaultPipeSize = 65536;
 constexpr std::size_t kMaxPipeSize = 1 << 20;
+// Step 2 of stop(): how long pending ranks may take to announce themselves (at most).
+constexpr double kStopAdoptWait = 1.0;
+
+void block_all_signals() noexcept {
+    sigset_t all;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
+}
 
 // A point in time `timeout` seconds from now (< 0 or infinite: never).
 class Deadline {
@@ -96,7 +108,222 @@ int decode_status(const siginfo_t& info) {
     }
 }
 
+// waitid(P_PID, pid, WEXITED | WNOHANG | extra), retried on EINTR. 0 and info.si_pid == 0:
+// our child, still running; 0 and si_pid == pid: it exited; -1 (ECHILD): not our child,
+// or reaped by someone else already.
+int waitid_nohang(pid_t pid, siginfo_t& info, int extra) noexcept {
+    int rc;
+    do {
+        info = siginfo_t{};
+        rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | extra);
+    } while (rc != 0 && errno == EINTR);
+    return rc;
+}
+
+// Our child and not reaped (running or a zombie): its pid, and the process group that
+// carries that id, cannot belong to anyone else.
+bool unreaped_child(pid_t pid) noexcept {
+    siginfo_t info;
+    return waitid_nohang(pid, info, WNOWAIT) == 0;
+}
+
+int pidfd_signal(int pidfd, int sig) noexcept {
+#ifdef SYS_pidfd_send_signal
+    return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0u));
+#else
+    (void)pidfd;
+    (void)sig;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+// Whether a pid that announced itself on one of our pipes may be watched: our child, or
+// gone already (reaped by someone else: its exit is then logged as unknown).
+bool ours_or_gone(pid_t pid) noexcept {
+    if (pid <= 0) return false;
+    if (unreaped_child(pid)) return true;
+    if (errno != ECHILD) return false;
+    const Fd probe = open_pidfd(pid);
+    return !probe && errno == ESRCH;
+}
+
+// "D (disk sleep)": the State line of /proc/PID/status.
+std::string proc_state(pid_t pid) {
+    std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+    std::string line;
+    while (std::getline(status, line)) {
+        if (line.compare(0, 6, "State:") != 0) continue;
+        const auto begin = line.find_first_not_of(" \t", 6);
+        return begin == std::string::npos ? std::string("?") : line.substr(begin);
+    }
+    return "? (unknown)";
+}
+
+// The engine's reaper: children a group gave up waiting for (stop's bound passed, or the
+// group was destroyed) are reaped here when they finally exit, by one background thread
+// (started on first use) over an epoll set of their pidfds. Nothing waits for it: it
+// lives as long as the process and never delays exit. Its state is guarded by the
+// engine lock.
+class Reaper {
+public:
+    // Takes `pid` (our child, already SIGKILLed); `pidfd` may be empty. Engine lock held.
+    static void take_locked(pid_t pid, Fd pidfd, bool guarded) noexcept;
+    // In a fork child (engine lock held): forget everything, only close().
+    static void reset_after_fork() noexcept;
+
+private:
+    struct Entry {
+        pid_t pid;
+        Fd pidfd;
+        bool guarded;
+    };
+    static std::shared_ptr<Reaper>& instance();
+    static void reap_now(pid_t pid, bool guarded) noexcept;
+    static void watch_with_thread(pid_t pid, bool guarded) noexcept;
+    bool start_locked() noexcept;
+    void run() noexcept;
+    void reap_locked(pid_t pid) noexcept;
+
+    Fd epoll_;
+    std::vector<Entry> entries_;
+    bool running_ = false;
+};
+
+// Set once the reaper exists: the fork child handler must not create it (no allocation).
+Reaper* g_reaper = nullptr;
+
+std::shared_ptr<Reaper>& Reaper::instance() {
+    // The thread holds a reference too, so the reaper outlives static destruction.
+    static std::shared_ptr<Reaper> self = [] {
+        auto r = std::make_shared<Reaper>();
+        g_reaper = r.get();
+        return r;
+    }();
+    return self;
+}
+
+// Ends an exited child of ours: what is left in its process group gets SIGKILL (the
+// zombie still holds the group's id), the guardian forgets it, then it is reaped.
+void Reaper::reap_now(pid_t pid, bool guarded) noexcept {
+    siginfo_t info;
+    const int rc = waitid_nohang(pid, info, WNOWAIT);
+    if (rc == 0 && info.si_pid == 0) return;  // still running
+    if (rc == 0) ::kill(-pid, SIGKILL);
+    if (guarded) guardian_forget(pid);
+    if (rc == 0) waitid_nohang(pid, info, 0);
+}
+
+// No pidfd: a detached thread blocks until the child exits, then reaps it.
+void Reaper::watch_with_thread(pid_t pid, bool guarded) noexcept {
+    try {
+        std::thread([pid, guarded] {
+            block_all_signals();
+            siginfo_t info{};
+            while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) != 0 &&
+                   errno == EINTR) {
+            }
+            reap_now(pid, guarded);
+        }).detach();
+    } catch (...) {
+        // No thread either: the zombie stays until this process exits.
+    }
+}
+
+void Reaper::take_locked(pid_t pid, Fd pidfd, bool guarded) noexcept {
+    try {
+        if (!pidfd) pidfd = open_pidfd(pid);
+        if (!pidfd) {
+            if (errno == ESRCH) {  // reaped by someone else already
+                if (guarded) guardian_forget(pid);
+                return;
+            }
+            watch_with_thread(pid, guarded);
+            return;
+        }
+        Reaper& r = *instance();
+        if (!r.start_locked()) {
+            watch_with_thread(pid, guarded);
+            return;
+        }
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = static_cast<std::uint64_t>(pid);
+        r.entries_.push_back(Entry{pid, std::move(pidfd), guarded});
+        if (::epoll_ctl(r.epoll_.get(), EPOLL_CTL_ADD, r.entries_.back().pidfd.get(), &ev) != 0) {
+            r.entries_.pop_back();
+            watch_with_thread(pid, guarded);
+        }
+    } catch (...) {
+        watch_with_thread(pid, guarded);
+    }
+}
+
+bool Reaper::start_locked() noexcept {
+    if (running_) return true;
+    try {
+        if (!epoll_) epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
+        if (!epoll_) return false;
+        std::thread([self = instance()] { self->run(); }).detach();
+        running_ = true;
+    } catch (...) {
+        return false;
+    }
+    return true;
+}
+
+void Reaper::run() noexcept {
+    block_all_signals();
+    const int ep = epoll_.get();  // never closed in this process (only in a fork child)
+    for (;;) {
+        epoll_event evs[16];
+        const int n = ::epoll_wait(ep, evs, 16, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        std::lock_guard<std::mutex> lock(engine_mutex());
+        for (int i = 0; i < n; ++i) reap_locked(static_cast<pid_t>(evs[i].data.u64));
+    }
+}
+
+void Reaper::reap_locked(pid_t pid) noexcept {
+    auto it = std::find_if(entries_.begin(), entries_.end(), [pid](const Entry& e) { return e.pid == pid; });
+    if (it == entries_.end()) return;
+    siginfo_t info;
+    if (waitid_nohang(pid, info, WNOWAIT) == 0 && info.si_pid == 0) return;  // not yet
+    reap_now(pid, it->guarded);
+    epoll_del(epoll_.get(), it->pidfd.get());
+    entries_.erase(it);
+}
+
+void Reaper::reset_after_fork() noexcept {
+    if (!g_reaper) return;
+    g_reaper->epoll_.reset();
+    g_reaper->entries_.clear();  // closes the pidfds; keeps the capacity (no free)
+    g_reaper->running_ = false;  // the thread was not copied into this process
+}
+
+void atfork_prepare() { engine_mutex().lock(); }
+void atfork_parent() { engine_mutex().unlock(); }
+void atfork_child() {
+    for (Group* g : live_groups()) g->abandon_after_fork();
+    live_groups().clear();
+    Reaper::reset_after_fork();
+    engine_mutex().unlock();
+}
+
+void register_atfork_once() {
+    static std::once_flag once;
+    std::call_once(once, [] { ::pthread_atfork(atfork_prepare, atfork_parent, atfork_child); });
+}
+
 }  // namespace
+
+bool child_running(pid_t pid) noexcept {
+    siginfo_t info;
+    return pid > 0 && waitid_nohang(pid, info, WNOWAIT) == 0 && info.si_pid == 0;
+}
 
 // Fallback when the kernel has no pidfd: a thread per child blocks in waitid(WNOWAIT)
 // (it never reaps) and then makes an eventfd readable. Detached; owns its own fd.
@@ -105,9 +332,7 @@ struct Group::Watcher {
         Fd own(::fcntl(efd, F_DUPFD_CLOEXEC, 0));
         if (!own) throw_errno("fcntl(F_DUPFD_CLOEXEC)");
         std::thread([pid, fd = std::move(own)]() {
-            sigset_t all;
-            sigfillset(&all);
-            ::pthread_sigmask(SIG_SETMASK, &all, nullptr);
+            block_all_signals();
             siginfo_t info{};
             while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) != 0 &&
                    errno == EINTR) {
@@ -130,9 +355,7 @@ struct Group::Writer {
     };
     static void start(std::vector<Job> jobs) {
         std::thread([jobs = std::move(jobs)]() mutable {
-            sigset_t all;
-            sigfillset(&all);
-            ::pthread_sigmask(SIG_SETMASK, &all, nullptr);  // EPIPE, never SIGPIPE
+            block_all_signals();  // EPIPE, never SIGPIPE
             for (;;) {
                 std::vector<pollfd> pfds;
                 std::vector<Job*> owners;
@@ -187,11 +410,24 @@ Group::Group(int nprocs, bool use_pidfd)
 }
 
 Group::~Group() {
+    // Never blocks: what still runs gets SIGKILL and goes to the reaper.
     if (!abandoned_ && ::getpid() == owner_) {
         try {
-            stop(0.0);
+            adopt(0.0, nullptr);  // those that announced themselves already
         } catch (...) {
-            // Destructors must not throw; whatever could not be reaped is left to init.
+        }
+        std::lock_guard<std::mutex> lock(engine_mutex());
+        stopping_ = true;
+        for (int r = 0; r < size(); ++r) {
+            try {
+                reap_locked(r);
+                Slot& s = slots_[static_cast<std::size_t>(r)];
+                if (!s.live()) continue;
+                signal_locked(s, SIGKILL, true);
+                hand_off_locked(r);
+            } catch (...) {
+                // Destructors must not throw; the reaper took it or init will.
+            }
         }
     }
     std::lock_guard<std::mutex> lock(engine_mutex());
@@ -209,30 +445,44 @@ const Group::Slot& Group::slot(int rank) const {
     return slots_[static_cast<std::size_t>(rank)];
 }
 
-void Group::attach(int rank, pid_t pid, Fd result) {
-    std::lock_guard<std::mutex> lock(engine_mutex());
+void Group::attach_locked(int rank, pid_t pid, Fd result, bool announcing, bool guarded) {
     Slot& s = slot(rank);
     s.pid = pid;
+    s.announcing = announcing;
+    s.guarded = guarded;
+    Fd pidfd = open_pidfd(pid);
+    const int pidfd_err = errno;
+    if (!pidfd && pidfd_err == ESRCH) {
+        // Reaped by someone else already (SIGCHLD ignored, a waitpid(-1) loop): not a
+        // reason to signal anything; log what it wrote, exit status unknown.
+        s.gone = true;
+        if (result) {
+            set_nonblocking(result.get(), true);
+            s.result = std::move(result);
+            drain_result(s, true);
+        }
+        if (guarded) guardian_forget(pid);
+        finish_locked(rank, std::nullopt);
+        return;
+    }
     try {
+        s.pidfd = std::move(pidfd);
         if (use_pidfd_) {
-            s.exit_fd = open_pidfd(pid);
-            if (!s.exit_fd) throw_errno("pidfd_open");
+            if (!s.pidfd) throw_errno("pidfd_open", pidfd_err);
         } else {
-            s.exit_fd = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-            if (!s.exit_fd) throw_errno("eventfd");
-            Watcher::start(pid, s.exit_fd.get());
+            s.event = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+            if (!s.event) throw_errno("eventfd");
+            Watcher::start(pid, s.event.get());
         }
         set_nonblocking(result.get(), true);
-        epoll_add(epoll_.get(), s.exit_fd.get(), (static_cast<std::uint64_t>(rank) << 1) | kExitTag);
+        epoll_add(epoll_.get(), s.exit_fd(), (static_cast<std::uint64_t>(rank) << 1) | kExitTag);
         epoll_add(epoll_.get(), result.get(), (static_cast<std::uint64_t>(rank) << 1) | kResultTag);
         s.result = std::move(result);
     } catch (...) {
-        // Never leave a child we cannot watch: end it here.
-        epoll_del(epoll_.get(), s.exit_fd.get());
-        ::kill(-pid, SIGKILL);
-        ::kill(pid, SIGKILL);
-        siginfo_t info{};
-        ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+        // Never leave a child we cannot watch: SIGKILL it and let the reaper have it.
+        epoll_del(epoll_.get(), s.exit_fd());
+        signal_locked(s, SIGKILL, true);
+        Reaper::take_locked(pid, std::move(s.pidfd), guarded);
         s = Slot{};
         throw;
     }
@@ -260,10 +510,15 @@ void Group::start_exec(int rank, const std::string& exe, const std::vector<std::
     plan.env = options.env;
     plan.redirects = options.redirects;
     plan.death_signal = options.death_signal;
+#ifdef FASTSPAWN_HAVE_GUARDIAN
+    plan.program = !options.protocol;  // SIGKILL as parent-death signal, and the guardian
+#endif
     const pid_t pid = exec_child(plan);
-    attach(rank, pid, std::move(result.read));
+    const bool guarded = !options.protocol;
+    if (guarded) guardian_watch(pid);
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
+        attach_locked(rank, pid, std::move(result.read), false, guarded);
         slot(rank).control = std::move(control.write);
     }
     send_input(rank, std::move(input));
@@ -312,8 +567,8 @@ pid_t Group::start_fork(int rank, int& control_fd, int& result_fd) {
         result_fd = result.write.release();
         return 0;
     }
-    attach(rank, pid, std::move(result.read));
     std::lock_guard<std::mutex> lock(engine_mutex());
+    attach_locked(rank, pid, std::move(result.read), false, false);
     slot(rank).control = std::move(control.write);
     return pid;
 }
@@ -354,74 +609,146 @@ std::vector<int> Group::adopt(double timeout, const InterruptCheck& interrupted)
             continue;
         }
         if (n == 0) return adopted;  // time is up: the rest stay pending
+        std::lock_guard<std::mutex> lock(engine_mutex());
         for (std::size_t i = 0; i < pfds.size(); ++i) {
             if (!pfds[i].revents) continue;
             const int rank = ranks[i];
-            pid_t pid = -1;
-            {
-                std::lock_guard<std::mutex> lock(engine_mutex());
-                Slot& s = slot(rank);
-                const bool eof = drain(s.pending.get(), s.output);
-                if (s.output.size() >= sizeof(std::int32_t)) {
-                    std::int32_t announced = 0;
-                    std::memcpy(&announced, s.output.data(), sizeof announced);
-                    s.output.erase(0, sizeof announced);
-                    siginfo_t info{};
-                    // Only our own children: waitid refuses anyone else (ECHILD).
-                    if (announced > 0 && ::waitid(P_PID, static_cast<id_t>(announced), &info,
-                                                  WEXITED | WNOHANG | WNOWAIT) == 0)
-                        pid = announced;
-                    else
-                        s.pending.reset();
-                } else if (eof) {
-                    s.pending.reset();  // never started
+            Slot& s = slot(rank);
+            if (!s.pending || s.pid != -1) continue;  // adopt_pid took it meanwhile
+            const bool eof = drain(s.pending.get(), s.output);
+            if (s.output.size() >= sizeof(std::int32_t)) {
+                std::int32_t announced = 0;
+                std::memcpy(&announced, s.output.data(), sizeof announced);
+                s.output.erase(0, sizeof announced);
+                // Only our own children (or ones already reaped elsewhere).
+                if (ours_or_gone(announced)) {
+                    attach_locked(rank, announced, std::move(s.pending), false, false);
+                    adopted.push_back(rank);
+                } else {
+                    s.pending.reset();
+                    s.control.reset();
                     s.output.clear();
                 }
-            }
-            if (pid > 0) {
-                Fd result;
-                {
-                    std::lock_guard<std::mutex> lock(engine_mutex());
-                    result = std::move(slot(rank).pending);
-                }
-                attach(rank, pid, std::move(result));
-                adopted.push_back(rank);
+            } else if (eof) {
+                s.pending.reset();  // never started
+                s.control.reset();
+                s.output.clear();
             }
         }
     }
 }
 
+bool Group::adopt_pid(int rank, pid_t pid) {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    Slot& s = slot(rank);
+    if (s.pid != -1) return s.pid == pid;  // adopted already (its announcement came first)
+    if (!s.pending) return false;           // dropped, or no channels opened
+    if (!ours_or_gone(pid)) {
+        s.pending.reset();
+        s.control.reset();
+        s.output.clear();
+        return false;
+    }
+    attach_locked(rank, pid, std::move(s.pending), true, false);
+    return true;
+}
+
+void Group::drop_pending(int rank) noexcept {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    if (rank < 0 || rank >= size()) return;
+    Slot& s = slots_[static_cast<std::size_t>(rank)];
+    if (s.pid != -1) return;
+    s.pending.reset();
+    s.control.reset();
+    s.output.clear();
+}
+
+bool Group::any_pending() const {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    for (const auto& s : slots_)
+        if (s.pending && s.pid == -1) return true;
+    return false;
+}
+
+std::size_t Group::logged() const {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    return exits_.size();
+}
+
 void Group::drain_result(Slot& s, bool final) {
     if (!s.result) return;
     bool eof = drain(s.result.get(), s.output);
+    if (s.announcing && s.output.size() >= sizeof(std::int32_t)) {
+        // Adopted by pid before it announced itself: its announcement is no output.
+        std::int32_t announced = 0;
+        std::memcpy(&announced, s.output.data(), sizeof announced);
+        if (announced == s.pid) s.output.erase(0, sizeof announced);
+        s.announcing = false;
+    }
     if (eof || final) {
         epoll_del(epoll_.get(), s.result.get());
         s.result.reset();
     }
 }
 
-void Group::reap(int rank) {
+void Group::finish_locked(int rank, std::optional<int> exitcode) {
     Slot& s = slot(rank);
-    if (s.reaped || s.pid < 0) return;
-    siginfo_t info{};
-    if (::waitid(P_PID, static_cast<id_t>(s.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
-        info.si_pid == 0)
-        return;  // not exited yet
-    // Exited (a zombie: its pid, and so its process group's id, is still ours). Take what
-    // it wrote; when it failed or we are stopping, end what it left in its group.
-    drain_result(s, true);
-    if (stopping_ || decode_status(info) != 0) ::kill(-s.pid, SIGKILL);
-    info = siginfo_t{};
-    int rc;
-    do {
-        rc = ::waitid(P_PID, static_cast<id_t>(s.pid), &info, WEXITED);
-    } while (rc != 0 && errno == EINTR);
-    s.exitcode = rc == 0 ? decode_status(info) : 255;  // ECHILD: reaped behind our back
-    s.reaped = true;
-    epoll_del(epoll_.get(), s.exit_fd.get());
-    exits_.push_back(ExitInfo{rank, s.pid, s.exitcode, std::move(s.output)});
+    s.ended = true;
+    s.exitcode = exitcode;
+    epoll_del(epoll_.get(), s.exit_fd());
+    exits_.push_back(ExitInfo{rank, s.pid, exitcode, std::move(s.output)});
     s.output.clear();
     wake_others();
+}
+
+void Group::reap_locked(int rank) {
+    Slot& s = slot(rank);
+    if (!s.live()) return;
+    siginfo_t info;
+    const int rc = waitid_nohang(s.pid, info, WNOWAIT);
+    if (rc == 0 && info.si_pid == 0) return;  // not exited yet
+    drain_result(s, true);
+    if (rc != 0) {
+        // ECHILD: someone else reaped it. Its pid and group id may be anyone's now.
+        s.gone = true;
+        if (s.guarded) guardian_forget(s.pid);
+        finish_locked(rank, std::nullopt);
+        return;
+    }
+    // Exited, a zombie: its pid, and so its process group's id, is still ours. When it
+    // failed or we are stopping, end what it left in its group.
+    const int code = decode_status(info);
+    if (stopping_ || code != 0) ::kill(-s.pid, SIGKILL);
+    if (s.guarded) guardian_forget(s.pid);
+    std::optional<int> exitcode;
+    if (waitid_nohang(s.pid, info, 0) == 0 && info.si_pid == s.pid)
+        exitcode = decode_status(info);
+    else
+        s.gone = true;  // reaped behind our back just now: status unknown
+    finish_locked(rank, exitcode);
+}
+
+void Group::hand_off_locked(int rank) {
+    Slot& s = slot(rank);
+    drain_result(s, true);
+    Fd pidfd;
+    if (s.pidfd && !s.gone) pidfd = Fd(::fcntl(s.pidfd.get(), F_DUPFD_CLOEXEC, 0));
+    // The slot keeps its own pidfd (sentinel() handed out its number); the reaper owns a dup.
+    if (!s.gone) Reaper::take_locked(s.pid, std::move(pidfd), s.guarded);
+    finish_locked(rank, std::nullopt);
+}
+
+bool Group::signal_locked(Slot& s, int sig, bool group) noexcept {
+    if (abandoned_ || !s.live() || s.gone) return false;
+    if (!unreaped_child(s.pid)) {
+        // Reaped by someone else (we reap only under this lock): never signal it again.
+        if (errno == ECHILD) s.gone = true;
+        return false;
+    }
+    // Unreaped, so the process group with its id is its own.
+    if (group) ::kill(-s.pid, sig);
+    if (s.pidfd) return pidfd_signal(s.pidfd.get(), sig) == 0;
+    return ::kill(s.pid, sig) == 0;
 }
 
 void Group::wake_others() noexcept {
@@ -435,7 +762,7 @@ void Group::wake_others() noexcept {
 std::vector<ExitInfo> Group::collect(bool all, std::size_t known, bool& done) const {
     bool any_running = false;
     for (const auto& s : slots_)
-        if (s.pid >= 0 && !s.reaped) any_running = true;
+        if (s.live()) any_running = true;
     done = all ? !any_running : (exits_.size() > known || !any_running);
     std::vector<ExitInfo> out;
     for (std::size_t i = known; i < exits_.size(); ++i) out.push_back(exits_[i]);
@@ -443,8 +770,13 @@ std::vector<ExitInfo> Group::collect(bool all, std::size_t known, bool& done) co
 }
 
 std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
-                                  const InterruptCheck& interrupted) {
+                                  const InterruptCheck& interrupted, const std::vector<int>& watch) {
     const Deadline deadline(timeout);
+    std::vector<pollfd> pfds;
+    if (!watch.empty()) {
+        pfds.push_back(pollfd{epoll_.get(), POLLIN, 0});
+        for (int fd : watch) pfds.push_back(pollfd{fd, POLLIN, 0});
+    }
     for (;;) {
         {
             std::lock_guard<std::mutex> lock(engine_mutex());
@@ -456,13 +788,32 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
         }
         const int ms = deadline.ms_left();
         epoll_event evs[64];
-        const int n = ::epoll_wait(epoll_.get(), evs, 64, ms);
-        const int err = errno;
+        int n;
+        int err = 0;
+        bool watched = false;  // a watched fd is readable or hung up
+        if (pfds.empty()) {
+            n = ::epoll_wait(epoll_.get(), evs, 64, ms);
+            err = errno;
+        } else {
+            // poll() over the epoll fd (readable when it has events) and the watched fds.
+            for (auto& p : pfds) p.revents = 0;
+            n = ::poll(pfds.data(), pfds.size(), ms);
+            err = errno;
+            if (n > 0) {
+                for (std::size_t i = 1; i < pfds.size(); ++i) {
+                    if (pfds[i].revents & POLLNVAL) err = EBADF;
+                    if (pfds[i].revents) watched = true;
+                }
+                n = pfds[0].revents ? ::epoll_wait(epoll_.get(), evs, 64, 0) : 0;
+                if (n < 0) n = 0;
+            }
+        }
         std::unique_lock<std::mutex> lock(engine_mutex());
         --blocked_;
         if (abandoned_) return {};
+        if (err == EBADF && watched) throw_errno("poll(watch)", EBADF);
         if (n < 0) {
-            if (err != EINTR) throw_errno("epoll_wait", err);
+            if (err != EINTR) throw_errno(pfds.empty() ? "epoll_wait" : "poll", err);
             lock.unlock();
             if (interrupted && interrupted()) return {};
             continue;
@@ -478,24 +829,20 @@ std::vector<ExitInfo> Group::wait(double timeout, bool all, std::size_t known,
             const int rank = static_cast<int>(data >> 1);
             Slot& s = slots_[static_cast<std::size_t>(rank)];
             if ((data & 1) == kExitTag)
-                reap(rank);
+                reap_locked(rank);
             else
                 drain_result(s, false);
         }
-        if (n == 0 && deadline.passed()) {
+        if (watched || (n == 0 && deadline.passed())) {
             bool done = false;
-            return collect(false, known, done);  // time is up: whatever the log holds
+            return collect(false, known, done);  // whatever the log holds
         }
     }
 }
 
 bool Group::send_signal(int rank, int sig, bool group) {
     std::lock_guard<std::mutex> lock(engine_mutex());
-    Slot& s = slot(rank);
-    if (abandoned_ || s.pid < 0 || s.reaped) return false;
-    // Not reaped, so the pid (and the process group it leads) cannot have been reused.
-    if (group) ::kill(-s.pid, sig);
-    return ::kill(s.pid, sig) == 0;
+    return signal_locked(slot(rank), sig, group);
 }
 
 void Group::begin_stop() noexcept {
@@ -503,25 +850,64 @@ void Group::begin_stop() noexcept {
     stopping_ = true;
 }
 
-void Group::stop(double grace) {
+StopReport Group::stop(double grace, int sig, double kill_wait, const InterruptCheck& interrupted) {
+    StopReport report;
+    // The kill wait is what keeps stop bounded: never "forever".
+    if (!(kill_wait >= 0.0) || std::isinf(kill_wait))
+        throw std::invalid_argument("kill_wait must be a finite number of seconds >= 0");
+    if (std::isnan(grace)) throw std::invalid_argument("grace must be a number");
+    // 1. From now on a reaped child's process group gets SIGKILL.
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
-        if (abandoned_) return;
+        if (abandoned_) return report;
         stopping_ = true;
-        for (auto& s : slots_)
-            if (s.pid > 0 && !s.reaped) ::kill(s.pid, SIGTERM);
     }
-    wait(grace, true, 0, nullptr);
+    // 2. Children forked elsewhere and not adopted yet (adopt_pid ones are watched). A
+    // failure here (one child we could not watch: already killed) must not spare the rest.
+    std::exception_ptr failure;
+    try {
+        if (any_pending()) adopt(std::min(kill_wait, kStopAdoptWait), nullptr);
+    } catch (const std::exception&) {
+        failure = std::current_exception();
+    }
+    // 3. The polite signal, and the grace; an interruption cuts the grace short.
+    if (grace > 0 && sig != 0) {
+        bool any = false;
+        {
+            std::lock_guard<std::mutex> lock(engine_mutex());
+            for (auto& s : slots_)
+                if (signal_locked(s, sig, false)) any = true;
+        }
+        if (any) wait(grace, true, logged(), interrupted);
+    }
+    // 4. SIGKILL to what still runs (reap what exited first: a zombie needs no kill).
+    wait(0.0, true, logged(), nullptr);
+    bool any_live = false;
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
-        for (auto& s : slots_) {
-            if (s.pid > 0 && !s.reaped) {
-                ::kill(-s.pid, SIGKILL);
-                ::kill(s.pid, SIGKILL);
-            }
+        for (int r = 0; r < size(); ++r) {
+            Slot& s = slots_[static_cast<std::size_t>(r)];
+            if (!s.live()) continue;
+            any_live = true;
+            signal_locked(s, SIGKILL, true);
+            if (!s.gone) report.killed.push_back(r);  // gone: reaped elsewhere, exit pending
         }
     }
-    wait(-1, true, 0, nullptr);
+    if (!any_live) {
+        if (failure) std::rethrow_exception(failure);
+        return report;
+    }
+    // 5. A bounded wait; who is still there goes to the reaper.
+    wait(kill_wait, true, logged(), nullptr);
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    for (int r = 0; r < size(); ++r) {
+        Slot& s = slots_[static_cast<std::size_t>(r)];
+        if (!s.live()) continue;
+        report.unreaped.push_back(Unreaped{r, s.pid, proc_state(s.pid)});
+        hand_off_locked(r);
+    }
+    if (failure) std::rethrow_exception(failure);
+    return report;
 }
 
 pid_t Group::pid(int rank) const {
@@ -531,13 +917,12 @@ pid_t Group::pid(int rank) const {
 
 bool Group::running(int rank) const {
     std::lock_guard<std::mutex> lock(engine_mutex());
-    const Slot& s = slot(rank);
-    return s.pid > 0 && !s.reaped;
+    return slot(rank).live();
 }
 
 int Group::sentinel(int rank) const {
     std::lock_guard<std::mutex> lock(engine_mutex());
-    return slot(rank).exit_fd.get();
+    return slot(rank).exit_fd();
 }
 
 void Group::abandon_after_fork() noexcept {
@@ -546,7 +931,8 @@ void Group::abandon_after_fork() noexcept {
     epoll_.reset();
     wake_.reset();
     for (auto& s : slots_) {
-        s.exit_fd.reset();
+        s.pidfd.reset();
+        s.event.reset();
         s.result.reset();
         s.control.reset();
         s.pending.reset();

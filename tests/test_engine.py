@@ -8,6 +8,7 @@ like the pidfd path. Child functions live in ``_engine_workers`` (cheap to impor
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -15,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import re
 import select
 import signal
 import subprocess
@@ -138,18 +140,18 @@ def join_all(ctx) -> None:
         pass
 
 
-def wait_blocked_in_epoll(task_dir: str, deadline: float = REPORT_TIMEOUT, alive=lambda: True) -> None:
-    """Polls /proc/.../task/TID/wchan until that thread sleeps in epoll_wait."""
+def wait_blocked_in_epoll(task_dir: str, deadline: float = REPORT_TIMEOUT, alive=lambda: True, wchan="epoll") -> None:
+    """Polls /proc/.../task/TID/wchan until that thread sleeps in epoll_wait (or in ``wchan``)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end and alive():
         try:
             with open(os.path.join(task_dir, "wchan")) as f:
-                if "epoll" in f.read():
+                if wchan in f.read():
                     return
         except OSError:
             pass
         time.sleep(0.01)
-    raise AssertionError(f"{task_dir} never blocked in epoll_wait")
+    raise AssertionError(f"{task_dir} never blocked in {wchan}")
 
 
 class Gate:
@@ -942,3 +944,595 @@ def test_collected_context_kills_grandchildren(cleanup, method):
         del ctx
         gc.collect()
     assert_all_gone(grandchildren)
+
+
+# ------------------------------------- 13. stop, the reaper, external reapers, watch
+# What the engine promises about ending children: stop() is bounded even when a child
+# cannot die, reports what it could not reap and leaves it to the engine's reaper;
+# destroying a group never blocks; children reaped by someone else get exit code None
+# and their pid / process group is never signalled again; wait() also watches fds.
+
+# A child that has a pipe (fd in argv[1]) to say it is ready: it ignores SIGTERM first.
+IGNORE_TERM_THEN_WAIT = """\
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.write(int(sys.argv[1]), b"r")
+os.read(int(sys.argv[-3]), 1)  # the control pipe: EOF when the group goes away
+"""
+
+# Forks a grandchild that stays in the child's process group, reports its pid, exits 0.
+GRANDCHILD_THEN_EXIT = """\
+import os, sys, time
+result = int(sys.argv[-2])
+pid = os.fork()
+if pid == 0:
+    os.close(result)
+    time.sleep(600)
+    os._exit(0)
+os.write(result, b"%d" % pid)
+"""
+
+STOP_MARGIN = 10.0  # beyond stop's own bounds, for a loaded machine
+
+
+def bounded_call(fn, limit: float):
+    """``fn()`` in a thread; fails unless it returns within ``limit`` s (then its result).
+
+    A thread, so that a broken (unbounded) call fails this test instead of hanging it;
+    the test's teardown then releases what the call waits for.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"still running after {limit} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def wait_until(predicate, what: str, deadline: float = GONE_DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {deadline} s: {what}")
+        time.sleep(0.02)
+
+
+def reaped_by_anyone(pid: int) -> bool:
+    """``pid`` is neither running nor a zombie of ours (never reaps it here)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def start_ready_child(group, rank: int, script: str = IGNORE_TERM_THEN_WAIT) -> int:
+    """Starts ``script`` as ``rank`` with a ready pipe; returns once it said so."""
+    r, w = os.pipe()
+    try:
+        group.start_exec(rank, sys.executable, [sys.executable, "-c", script, str(w)], [w], [])
+        os.close(w)
+        w = -1
+        assert select.select([r], [], [], REPORT_TIMEOUT)[0] == [r], "the child never said it is ready"
+        assert os.read(r, 1) == b"r"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return group.pid(rank)
+
+
+class Freezer:
+    """A freezer cgroup (v1) of our own: a child put in it and frozen cannot die."""
+
+    ROOT = "/sys/fs/cgroup/freezer"
+
+    def __init__(self) -> None:
+        self.path = os.path.join(self.ROOT, f"fastspawn-test-{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(self.path)
+
+    def _write(self, name: str, text: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(text)
+
+    def state(self) -> str:
+        with open(os.path.join(self.path, "freezer.state")) as f:
+            return f.read().strip()
+
+    def freeze(self, pid: int) -> None:
+        self._write("cgroup.procs", str(pid))
+        self._write("freezer.state", "FROZEN")
+        wait_until(lambda: self.state() == "FROZEN", "the cgroup froze")
+
+    def thaw(self) -> None:
+        self._write("freezer.state", "THAWED")
+
+    def members(self) -> list:
+        with open(os.path.join(self.path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+
+    def remove(self) -> None:
+        self.thaw()
+        for pid in self.members():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not self.members(), "the cgroup emptied")
+        os.rmdir(self.path)
+
+
+@pytest.fixture
+def freezer():
+    if not os.path.isdir(Freezer.ROOT) or not os.access(Freezer.ROOT, os.W_OK):
+        pytest.skip(f"needs a writable cgroup v1 freezer controller at {Freezer.ROOT}")
+    f = Freezer()
+    try:
+        yield f
+    finally:
+        f.remove()
+
+
+@pytest.fixture
+def sigchld_ignored():
+    """SIGCHLD set to SIG_IGN (the kernel then reaps every child itself); restored after."""
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+
+
+def test_kill_wait_is_exported():
+    assert _core.KILL_WAIT == 5.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_stop_reports_what_it_killed(tracker, use_pidfd):
+    group = _core.Group(3, use_pidfd)
+    assert group.stop(0.0) == ([], [])  # nothing started: nothing to do
+    polite = start_ready_child(group, 0, IGNORE_TERM_THEN_WAIT.replace("signal.SIG_IGN", "signal.SIG_DFL"))
+    stubborn = start_ready_child(group, 1)
+    killed, unreaped = group.stop(2.0)  # the old call shape: grace only
+    assert (killed, unreaped) == ([1], [])
+    assert sorted(group.wait(0.0, True)) == [(0, polite, -signal.SIGTERM, b""), (1, stubborn, -signal.SIGKILL, b"")]
+    assert not group.running(0) and not group.running(1)
+    assert group.stop(0.0) == ([], [])  # idempotent
+    for kill_wait in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="kill_wait"):
+            group.stop(0.0, kill_wait=kill_wait)
+    assert_reaped([polite, stubborn])
+
+
+@pytest.mark.timeout(60)
+def test_stop_signal_and_grace(tracker):
+    group = _core.Group(2, True)
+    a = start_ready_child(group, 0)
+    b = start_ready_child(group, 1, IGNORE_TERM_THEN_WAIT.replace("SIGTERM, signal.SIG_IGN", "SIGTERM, signal.SIG_DFL"))
+    # signal=SIGUSR2: the one that ignores SIGTERM dies of it within the grace.
+    killed, unreaped = group.stop(REPORT_TIMEOUT, signal.SIGUSR2, 1.0)
+    assert (killed, unreaped) == ([], [])
+    assert sorted(group.wait(0.0, True)) == [(0, a, -signal.SIGUSR2, b""), (1, b, -signal.SIGUSR2, b"")]
+    group = _core.Group(1, True)
+    c = start_ready_child(group, 0)
+    # signal=0: no polite signal, no grace; straight to SIGKILL.
+    assert bounded_call(lambda: group.stop(REPORT_TIMEOUT, 0), REPORT_TIMEOUT / 2) == ([0], [])
+    assert group.wait(0.0, True) == [(0, c, -signal.SIGKILL, b"")]
+    assert_reaped([a, b, c])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_stop_is_bounded_when_a_child_cannot_die(tracker, freezer, use_pidfd):
+    group = _core.Group(2, use_pidfd)
+    frozen = start_ready_child(group, 0)
+    other = start_ready_child(group, 1)
+    freezer.freeze(frozen)
+    grace, kill_wait = 0.5, 3.0  # long enough for the other one to die of SIGKILL
+    started = time.monotonic()
+    killed, unreaped = bounded_call(lambda: group.stop(grace, kill_wait=kill_wait), grace + 2 * kill_wait + STOP_MARGIN)
+    assert time.monotonic() - started >= grace + kill_wait  # it did wait for both
+    assert killed == [0, 1]
+    assert [(rank, pid) for rank, pid, _ in unreaped] == [(0, frozen)]
+    state = unreaped[0][2]
+    assert re.fullmatch(r"[A-Za-z] \(.+\)", state), state
+    # The exit log is complete: the frozen one ended for the group, status unknown.
+    assert sorted(group.wait(0.0, True)) == [(0, frozen, None, b""), (1, other, -signal.SIGKILL, b"")]
+    assert not group.running(0)
+    assert group.send_signal(0, signal.SIGKILL) is False  # the group gave it up
+    assert _core.child_running(frozen)  # still there, still ours
+    freezer.thaw()
+    # The engine's reaper reaps it once it can die: no zombie is left.
+    wait_until(lambda: reaped_by_anyone(frozen), f"the reaper reaped {frozen}")
+    assert not os.path.exists(f"/proc/{frozen}")
+    assert_reaped([frozen, other])
+
+
+DRIVER_DELETE_GROUP = """
+import gc, time
+from fastspawn import _core
+group = _core.Group(1, sys.argv[1] == "pidfd")
+group.start_exec(0, sys.executable, [sys.executable, "-c", "import os, sys; os.read(int(sys.argv[-3]), 1)"], [], [])
+pid = group.pid(0)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+print(pid, flush=True)
+signal.sigwait({signal.SIGUSR1})  # the test has frozen the child
+del group
+gc.collect()
+print("deleted", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        print("reaped", flush=True)
+        break
+    time.sleep(0.02)
+else:
+    print("not reaped", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("watch", ["pidfd", "thread"])
+def test_deleting_a_group_never_blocks(tmp_path, cleanup, freezer, watch):
+    driver = Driver(tmp_path, DRIVER_DELETE_GROUP, watch)
+    cleanup.append(driver)
+    child = int(driver.line())
+    cleanup.extend(as_procs([child]))
+    freezer.freeze(child)
+    os.kill(driver.pid, signal.SIGUSR1)
+    # The destructor SIGKILLs the frozen child and hands it to the reaper: no wait.
+    assert driver.line(timeout=20.0) == "deleted\n"
+    freezer.thaw()
+    assert driver.line() == "reaped\n"
+    assert driver.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_deleted_group_kills_its_children_and_the_reaper_reaps_them(tracker):
+    group = _core.Group(2, True)
+    pids = [start_ready_child(group, rank) for rank in range(2)]
+    del group
+    gc.collect()
+    for pid in pids:
+        wait_until(lambda: reaped_by_anyone(pid), f"the reaper reaped {pid}")
+    assert_reaped(pids)
+
+
+@pytest.mark.timeout(60)
+def test_the_reaper_works_in_a_fork_child(tracker):
+    # The parent's reaper exists (and its thread runs) before the fork.
+    group = _core.Group(1, True)
+    parent_child = start_ready_child(group, 0)
+    del group
+    wait_until(lambda: reaped_by_anyone(parent_child), "the reaper reaped the parent's child")
+    pid = os.fork()
+    if pid == 0:  # the fork child: its own reaper (a thread is not copied by fork)
+        code = 1
+        try:
+            g = _core.Group(1, True)
+            g.start_exec(0, sys.executable, [sys.executable, "-c", WAIT_FOR_CONTROL_EOF], [], [])
+            mine = g.pid(0)
+            del g
+            end = time.monotonic() + GONE_DEADLINE
+            while time.monotonic() < end and not reaped_by_anyone(mine):
+                time.sleep(0.02)
+            code = 0 if reaped_by_anyone(mine) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+@pytest.mark.parametrize("reaper", ["sigchld-ignored", "waitpid"])
+def test_a_child_reaped_elsewhere_has_unknown_exit_code(request, cleanup, use_pidfd, reaper):
+    if reaper == "sigchld-ignored":
+        request.getfixturevalue("sigchld_ignored")
+    group = _core.Group(1, use_pidfd)
+    group.start_exec(0, sys.executable, [sys.executable, "-c", GRANDCHILD_THEN_EXIT], [], [])
+    pid = group.pid(0)
+    if reaper == "waitpid":
+        # Someone's waitpid reaps it first (a waitpid(-1) loop would do the same).
+        assert os.waitpid(pid, 0) == (pid, 0)
+    [(rank, got_pid, code, output)] = group.wait(REPORT_TIMEOUT, True)
+    grandchild = int(output)
+    cleanup.extend(as_procs([grandchild]))
+    assert (rank, got_pid, code) == (0, pid, None)  # unknown: never 255
+    assert group.send_signal(0, signal.SIGTERM, True) is False
+    assert group.stop(0.0) == ([], [])
+    # Its process group was never signalled (the pid may be anyone's now): the
+    # grandchild in that group does not end (a SIGKILLed one would within the second).
+    pidfd = os.pidfd_open(grandchild)
+    try:
+        assert select.select([pidfd], [], [], 1.0)[0] == [], "the child's process group was killed"
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_stop_under_an_ignored_sigchld(sigchld_ignored, use_pidfd):
+    group = _core.Group(1, use_pidfd)
+    pid = start_ready_child(group, 0)
+    assert group.stop(0.0, kill_wait=REPORT_TIMEOUT) == ([0], [])
+    # The kernel reaped it, not us: the status is unknown.
+    assert group.wait(0.0, True) == [(0, pid, None, b"")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_wait_returns_when_a_watched_fd_is_ready(tracker, use_pidfd):
+    group = _core.Group(1, use_pidfd)
+    pid = start_ready_child(group, 0)
+    r, w = os.pipe()
+    idle_r, idle_w = os.pipe()
+    try:
+        # Readable: returns at once (no timeout: a missed fd would hang to the marker).
+        os.write(w, b"x")
+        assert group.wait(None, False, 0, watch=[idle_r, r]) == []
+        assert group.running(0)
+        assert os.read(r, 1) == b"x"
+        # Written while the wait blocks.
+        main = threading.get_native_id()
+        writer = threading.Thread(
+            target=lambda: (wait_blocked_in_epoll(f"/proc/self/task/{main}", wchan="poll"), os.write(w, b"y"))
+        )
+        writer.start()
+        assert group.wait(None, True, 0, watch=[r]) == []
+        writer.join()
+        assert os.read(r, 1) == b"y"
+        # Hung up.
+        os.close(w)
+        w = -1
+        assert group.wait(None, False, 0, watch=[r]) == []
+        # Not ready: the timeout; a closed fd: EBADF; and exits still end the wait.
+        assert group.wait(0.05, False, 0, watch=[idle_r]) == []
+        bad = os.dup(idle_r)
+        os.close(bad)
+        with pytest.raises(OSError) as info:
+            group.wait(None, False, 0, watch=[bad])
+        assert info.value.errno == errno.EBADF
+        other = []
+        waiter = threading.Thread(target=lambda: other.append(group.wait(None, True)))  # no watch
+        waiter.start()
+        assert group.send_signal(0, signal.SIGKILL)
+        expected = [(0, pid, -signal.SIGKILL, b"")]
+        assert group.wait(None, False, 0, watch=[idle_r]) == expected
+        waiter.join(REPORT_TIMEOUT)
+        assert other == [expected]
+    finally:
+        for fd in (r, w, idle_r, idle_w):
+            if fd >= 0:
+                os.close(fd)
+    assert_reaped([pid])
+
+
+class Interrupted(Exception):
+    pass
+
+
+FOREVER_GRACE = 600.0
+
+
+@pytest.mark.timeout(60)
+def test_stop_interrupted_by_a_signal_still_kills_and_reaps(tracker):
+    group = _core.Group(1, True)
+    pid = start_ready_child(group, 0)  # ignores SIGTERM: only the kill ends it
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    main_tid = threading.get_native_id()
+
+    def interrupt() -> None:
+        wait_blocked_in_epoll(f"/proc/self/task/{main_tid}")  # inside the grace wait
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    sender = threading.Thread(target=interrupt)
+    try:
+        sender.start()
+        with pytest.raises(Interrupted):
+            group.stop(FOREVER_GRACE)  # only the interruption can end the grace early
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, old)
+    assert not group.running(0)
+    assert group.wait(0.0, True) == [(0, pid, -signal.SIGKILL, b"")]
+    assert_reaped([pid])
+
+
+# A child started elsewhere (posix_spawn here, the zygote in real use), given the
+# group's channels as fds 50 (control) and 51 (result), and a ready pipe as fd 52.
+ELSEWHERE = """\
+import os, struct, sys
+if sys.argv[1] == "announce":
+    os.write(51, struct.pack("=i", os.getpid()))
+os.write(52, b"r")
+os.close(52)
+if sys.argv[2] == "wait":
+    os.read(50, 1)
+os.write(51, b"hello")
+"""
+
+
+def spawn_elsewhere(group, rank: int, announce: bool, wait: bool) -> int:
+    """Starts ELSEWHERE for ``rank``; returns its pid once it has (or has not) announced itself."""
+    control, result = group.open_channels(rank)
+    ready_r, ready_w = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", ELSEWHERE, "announce" if announce else "quiet", "wait" if wait else "go"],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, control, 50),
+                (os.POSIX_SPAWN_DUP2, result, 51),
+                (os.POSIX_SPAWN_DUP2, ready_w, 52),
+            ],
+        )
+        os.close(ready_w)
+        ready_w = -1
+        assert select.select([ready_r], [], [], REPORT_TIMEOUT)[0] == [ready_r], "never ready"
+        assert os.read(ready_r, 1) == b"r"
+        return pid
+    finally:
+        for fd in (control, result, ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+@pytest.mark.parametrize("announce", [True, False], ids=["announces", "quiet"])
+def test_adopt_pid(tracker, use_pidfd, announce):
+    group = _core.Group(2, use_pidfd)
+    pid = spawn_elsewhere(group, 0, announce, wait=False)
+    assert group.adopt_pid(0, pid) is True
+    assert group.pid(0) == pid
+    assert group.adopt_pid(0, pid) is True  # already watched under that pid
+    # The announcement, when it comes, is not output.
+    assert group.wait(REPORT_TIMEOUT, True) == [(0, pid, 0, b"hello")]
+    assert_reaped([pid])
+
+
+def pending_rank():
+    """A group whose rank 0 has channels (the child's ends closed) and no child yet;
+    and the fds open before the channels were made."""
+    group = _core.Group(1, True)
+    gc.collect()
+    fds = open_fds()
+    control, result = group.open_channels(0)
+    os.close(control)
+    os.close(result)
+    return group, fds
+
+
+@pytest.mark.timeout(60)
+def test_adopt_pid_refuses_what_is_not_our_child(tracker):
+    group, fds = pending_rank()
+    assert group.adopt_pid(0, os.getppid()) is False
+    assert group.pid(0) == -1 and not group.running(0)
+    assert open_fds() == fds  # the rank's pipes are closed
+    assert group.adopt(0.0) == [] and group.wait(0.0, True) == []
+
+
+@pytest.mark.timeout(60)
+def test_adopt_pid_of_a_child_reaped_elsewhere(tracker):
+    group = _core.Group(1, True)
+    pid = spawn_elsewhere(group, 0, announce=True, wait=False)
+    assert os.waitpid(pid, 0) == (pid, 0)  # someone else reaped it
+    assert group.adopt_pid(0, pid) is True
+    assert group.wait(REPORT_TIMEOUT, True) == [(0, pid, None, b"hello")]
+
+
+@pytest.mark.timeout(60)
+def test_drop_pending_closes_the_pipes(tracker):
+    group, fds = pending_rank()
+    group.drop_pending(0)
+    assert open_fds() == fds
+    assert group.adopt(0.0) == [] and group.wait(0.0, True) == []
+    group.drop_pending(0)  # nothing pending: nothing happens
+
+
+@pytest.mark.timeout(60)
+def test_stop_adopts_pending_ranks_first(tracker):
+    group = _core.Group(2, True)
+    pid = spawn_elsewhere(group, 0, announce=True, wait=True)  # announces, then blocks
+    quiet = spawn_elsewhere(group, 1, announce=False, wait=True)  # never announces
+    assert group.adopt_pid(1, quiet) is True
+    assert group.stop(0.0) == ([0, 1], [])
+    assert sorted(group.wait(0.0, True)) == [(0, pid, -signal.SIGKILL, b""), (1, quiet, -signal.SIGKILL, b"")]
+    assert_reaped([pid, quiet])
+
+
+@pytest.mark.timeout(60)
+def test_child_running_never_reaps(tracker):
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "import sys; sys.stdin.read()"], os.environ,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)])
+        assert _core.child_running(pid)
+    finally:
+        os.close(r)
+        os.close(w)  # EOF: it exits
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # until it is a zombie
+    assert not _core.child_running(pid)
+    assert os.waitpid(pid, os.WNOHANG) == (pid, 0)  # still ours to reap
+    assert not _core.child_running(pid)
+    assert not _core.child_running(os.getpid())
+    assert not _core.child_running(os.getppid())
+
+
+DRIVER_ZYGOTE_FORK = """
+import struct
+from fastspawn import _core
+r, w = os.pipe()
+forks = _core.zygote_fork_many(os.getppid(), [(w, [], []), (w, [], [])], pids=True)
+if forks[0] >= 0:  # a child (clone(CLONE_PARENT): a child of the test process)
+    os._exit(0 if forks[1:] == (0, 0, []) else 3)
+os.close(w)
+data = b""
+while len(data) < 8:
+    chunk = os.read(r, 8 - len(data))
+    if not chunk:
+        break
+    data += chunk
+announced = sorted(struct.unpack("=%di" % (len(data) // 4), data))
+print(json.dumps({"forks": [forks[0], forks[1], forks[2], list(forks[3])], "announced": announced}), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_zygote_fork_many_reports_the_pids_it_forked(tmp_path, cleanup):
+    driver = Driver(tmp_path, DRIVER_ZYGOTE_FORK)
+    cleanup.append(driver)
+    report = json.loads(driver.line())
+    assert driver.wait() == 0
+    index, forked, error, pids = report["forks"]
+    assert (index, forked, error) == (-1, 2, 0)
+    assert sorted(pids) == report["announced"]
+    for pid in pids:  # ours: forked with CLONE_PARENT from our child
+        assert os.waitpid(pid, 0) == (pid, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
+def test_a_child_that_cannot_be_watched_is_killed_and_reaped(tracker, use_pidfd):
+    import resource
+
+    group = _core.Group(1, use_pidfd)
+    gc.collect()
+    before = children_now()
+    used = open_fds()
+    free = [fd for fd in range(3, 4096) if fd not in used][:4]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for the child's two pipes, none for its pidfd (or eventfd): attach fails
+    # after the child exists; the engine kills it and its reaper (a thread here: no
+    # pidfd can be opened either) reaps it. Nothing blocks, nothing is left.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[-1] + 1, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            group.start_exec(0, sys.executable, [sys.executable, "-c", WAIT_FOR_CONTROL_EOF], [], [])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert info.value.errno == errno.EMFILE
+    assert ("eventfd" if not use_pidfd else "pidfd_open") in str(info.value)  # after the exec
+    assert group.pid(0) == -1 and not group.running(0)
+    assert group.wait(0.0, True) == []
+    wait_until(lambda: not children_now() - before, "the child was reaped")
+    assert open_fds() == used
