@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "group.hpp"
+#include "guardian.hpp"
 #include "launch.hpp"
 
 namespace py = pybind11;
@@ -304,7 +305,23 @@ PYBIND11_MODULE(_core, m) {
              py::arg("group") = false,
              "Send `sig` to `rank` through its pidfd (group=True: also to its process group, "
              "only while the child is unreaped). False when it has ended.")
-        .def("pid", &Group::pid, py::arg("rank"))
-        .def("running", &Group::running, py::arg("rank"))
-        .def("sentinel", &Group::sentinel, py::arg("rank"));
+        .def("pid", &Group::pid, py::arg("rank"), "The pid of `rank` (-1: not started).")
+        .def("running", &Group::running, py::arg("rank"),
+             "Started and not ended for the group (as of the last wait): False once reaped, "
+             "reaped elsewhere, or handed to the reaper by stop().")
+        .def("sentinel", &Group::sentinel, py::arg("rank"),
+             "An fd that is readable once `rank` has exited (its pidfd, or the watcher's eventfd).");
+
+    // ---- launch helper (issue 10): zygote fitness and the guardian ----
+    m.def(
+        "zygote_fork_check",
+        []() -> std::optional<std::string> {
+            const char* reason = fastspawn::zygote_fork_check();
+            if (reason == nullptr) return std::nullopt;
+            return std::string(reason);
+        },
+        "None when this process can fork ranks with clone(CLONE_PARENT), else why not.");
+    m.def("guardian_pid", &fastspawn::guardian_pid,
+          "The pid of this process's guardian of foreign programs (0: none running).");
+    // ---- end launch helper ----
 }

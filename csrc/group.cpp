@@ -1,4 +1,5 @@
 #include "group.hpp"
+#include "guardian.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -22,17 +23,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#ifdef FASTSPAWN_HAVE_GUARDIAN
-#include "guardian.hpp"
-#else
-namespace fastspawn {
-namespace {
-// Until the guardian exists: the hooks a foreign program's start and reap call.
-void guardian_watch(pid_t) noexcept {}
-void guardian_forget(pid_t) noexcept {}
-}  // namespace
-}  // namespace fastspawn
-#endif
 
 namespace fastspawn {
 namespace {
@@ -510,12 +500,9 @@ void Group::start_exec(int rank, const std::string& exe, const std::vector<std::
     plan.env = options.env;
     plan.redirects = options.redirects;
     plan.death_signal = options.death_signal;
-#ifdef FASTSPAWN_HAVE_GUARDIAN
     plan.program = !options.protocol;  // SIGKILL as parent-death signal, and the guardian
-#endif
-    const pid_t pid = exec_child(plan);
-    const bool guarded = !options.protocol;
-    if (guarded) guardian_watch(pid);
+    const pid_t pid = exec_child(plan);  // a program: the guardian watches it from here on
+    const bool guarded = plan.program;       // so whoever reaps it calls guardian_forget first
     {
         std::lock_guard<std::mutex> lock(engine_mutex());
         attach_locked(rank, pid, std::move(result.read), false, guarded);

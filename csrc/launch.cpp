@@ -17,6 +17,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <linux/futex.h>
+
+#include "guardian.hpp"
+
 extern char** environ;
 
 namespace fastspawn {
@@ -181,13 +185,21 @@ pid_t exec_child(const ExecPlan& plan) {
     if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
         max_fd = static_cast<int>(std::min<rlim_t>(rl.rlim_cur, INT_MAX));
 
+    int death_signal = plan.death_signal != 0 ? plan.death_signal : kParentDeathSignal;
+    if (plan.program && plan.death_signal == 0) {
+        // PR_SET_PDEATHSIG follows the creating thread: from another thread, whose end
+        // would kill the program while we live, only when the guardian cannot take it.
+        const bool main_thread = ::syscall(SYS_gettid) == ::getpid();
+        death_signal = main_thread || !guardian_available() ? SIGKILL : 0;
+    }
+
     int exec_errno = 0;
     ExecArgs args{plan.exe.c_str(),
                   argv.data(),
                   plan.replace_env ? envp.data() : nullptr,
                   plan.redirects.data(),
                   plan.redirects.size(),
-                  plan.death_signal != 0 ? plan.death_signal : kParentDeathSignal,
+                  death_signal,
                   keep.data(),
                   keep.size(),
                   max_fd,
@@ -213,6 +225,7 @@ pid_t exec_child(const ExecPlan& plan) {
         ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
         throw_errno(plan.exe.c_str(), exec_errno);
     }
+    if (plan.program) guardian_watch(pid);  // still our unreaped child: its pidfd is its own
     return pid;
 }
 
@@ -227,36 +240,107 @@ pid_t fork_child(pid_t owner) {
     return pid;
 }
 
+// What glibc 2.36's fork() does for a child (posix/fork.c, sysdeps/nptl/_Fork.c,
+// sysdeps/nptl/fork.h), and what the raw clone below does instead. The zygote is
+// single-threaded (the zygote refuses to fork otherwise), which decides most of it:
+// - The cached thread id (THREAD_SELF->tid, used by raise(), pthread_kill, recursive and
+//   error-checking mutexes, robust mutex ownership): glibc passes CLONE_CHILD_SETTID |
+//   CLONE_CHILD_CLEARTID with &THREAD_SELF->tid. We pass the same two flags with the
+//   thread's clear-child-tid address (PR_GET_TID_ADDRESS), which glibc set to that very
+//   field at start-up and at every fork; zygote_fork_check() verifies it holds our tid.
+//   CLEARTID also keeps that address registered in the child, so a child that forks
+//   again (the helper of a big call) passes the check in turn.
+// - The robust-futex list: the kernel drops the registration in a new process; glibc
+//   empties the list and registers it again (set_robust_list). We register the head the
+//   parent has; its list is empty (checked here and by zygote_fork_check), so it needs no
+//   emptying. Without it, a rank dying with a robust process-shared mutex held leaves its
+//   peers blocked instead of getting EOWNERDEAD.
+// - pthread_once generation (__fork_generation): only matters for a once-routine running
+//   in another thread at the fork. Skipped: there is no other thread.
+// - malloc arena locks, stdio locks, the NSS database, ld.so's load and TLS locks, the
+//   stack cache, __nptl_nthreads, timer and mq_notify helper threads: glibc takes or
+//   resets them only because another thread could hold them (for a single-threaded parent
+//   it takes none of them either, apart from resetting the two ld.so locks, which no one
+//   holds here: we are not inside dlopen). Skipped.
+// - rseq: the kernel keeps the registration across a clone without CLONE_VM. Nothing to do.
+// - pthread_atfork handlers (prepare, parent, child): not run. Python's own handlers
+//   (os.register_at_fork) are run by PyOS_BeforeFork/AfterFork around the clones. The C
+//   handlers present in a zygote that imported torch 2.13 and numpy (listed by wrapping
+//   __register_atfork with an LD_PRELOAD shim): one child handler of libtorch_python.so
+//   (the autograd engine's: the child builds a new engine rather than reuse the parent's
+//   device threads) and OpenBLAS's prepare handler (it stops OpenBLAS's thread pool
+//   before a fork). Both exist for threads of the parent; a fit zygote has none
+//   (single-threaded, no CUDA, no backward run), so the engine and the pool the child
+//   inherits are the untouched ones a fresh interpreter has. Skipping them is safe
+//   there and only there, which is why an unfit zygote is never used.
+//   This engine's own handlers: the zygote owns no Group or guardian while it forks.
+// Everything between the clone and the return to Python is async-signal-safe.
 pid_t zygote_fork(pid_t owner) {
-    // A raw clone skips glibc's fork bookkeeping; the zygote is single-threaded, so no
-    // lock can be held. glibc caches the thread id in its thread descriptor: ask the
-    // kernel to write the child's tid there (where glibc itself asked it to clear it).
     int* tid_slot = nullptr;
     long flags = CLONE_PARENT | SIGCHLD;
 #ifdef PR_GET_TID_ADDRESS
-    if (::prctl(PR_GET_TID_ADDRESS, &tid_slot) == 0 && tid_slot != nullptr) flags |= CLONE_CHILD_SETTID;
+    if (::prctl(PR_GET_TID_ADDRESS, &tid_slot) == 0 && tid_slot != nullptr)
+        flags |= CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
 #endif
+    robust_list_head* head = nullptr;
+    std::size_t head_len = 0;
+#ifdef SYS_get_robust_list
+    if (::syscall(SYS_get_robust_list, 0, &head, &head_len) != 0) head = nullptr;
+#endif
+    if (head != nullptr && head->list.next != &head->list)
+        throw_errno("clone(CLONE_PARENT): this thread holds a robust mutex", EBUSY);
 #if defined(__x86_64__) || defined(__i386__)
     const long pid = ::syscall(SYS_clone, flags, nullptr, nullptr, tid_slot, nullptr);
 #elif defined(__aarch64__) || defined(__arm__) || defined(__powerpc__)
     const long pid = ::syscall(SYS_clone, flags, nullptr, nullptr, nullptr, tid_slot);
 #else
     (void)tid_slot;
-    const long pid = ::syscall(SYS_clone, flags & ~static_cast<long>(CLONE_CHILD_SETTID), nullptr,
-                               nullptr, nullptr, nullptr);
+    const long pid = ::syscall(SYS_clone, flags & ~static_cast<long>(CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID),
+                               nullptr, nullptr, nullptr, nullptr);
 #endif
     if (pid < 0) throw_errno("clone(CLONE_PARENT)");
     if (pid == 0) {
+#ifdef SYS_set_robust_list
+        if (head != nullptr) ::syscall(SYS_set_robust_list, head, head_len);
+#endif
         arm_forked_child(owner, false);  // the group: see launch.hpp
         return 0;
     }
     return static_cast<pid_t>(pid);
 }
 
+const char* zygote_fork_check() noexcept {
+#ifdef PR_GET_TID_ADDRESS
+    int* tid_slot = nullptr;
+    if (::prctl(PR_GET_TID_ADDRESS, &tid_slot) != 0)
+        return "prctl(PR_GET_TID_ADDRESS) is not available (kernel without CONFIG_CHECKPOINT_RESTORE)";
+    if (tid_slot == nullptr) return "no clear-child-tid address is registered for the zygote's thread";
+    if (*tid_slot != static_cast<int>(::syscall(SYS_gettid)))
+        return "the clear-child-tid address does not hold the thread id (not glibc's cached tid)";
+#else
+    return "prctl(PR_GET_TID_ADDRESS) is not known at build time";
+#endif
+#ifdef SYS_get_robust_list
+    robust_list_head* head = nullptr;
+    std::size_t len = 0;
+    if (::syscall(SYS_get_robust_list, 0, &head, &len) != 0) return "get_robust_list failed";
+    if (head == nullptr || len != sizeof(robust_list_head)) return "no robust-futex list is registered";
+    if (head->list.next != &head->list) return "the zygote's thread holds a robust mutex";
+    return nullptr;
+#else
+    return "get_robust_list is not known at build time";
+#endif
+}
+
 bool enter_child(const ChildFds& fds) noexcept {
     ::setpgid(0, 0);
-    for (const auto& [from, to] : fds.dup2s)
+    for (const auto& [from, to] : fds.dup2s) {
+        if (to < 0 || to > 2) {  // any other target would be an inheritable fd
+            errno = EBADF;
+            return false;
+        }
         if (::dup2(from, to) < 0) return false;
+    }
     for (const int fd : fds.close_fds) ::close(fd);
     const std::int32_t pid = ::getpid();
     const char* data = reinterpret_cast<const char*>(&pid);

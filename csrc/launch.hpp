@@ -33,10 +33,16 @@ struct ExecPlan {
     // Sent when the creating thread's process dies. The default, kParentDeathSignal,
     // is for children that install its handler (ours); a foreign program ignores it.
     int death_signal = 0;
+    // A foreign program (it never installs our handler). Unless death_signal says
+    // otherwise it gets SIGKILL as parent-death signal when started from the main thread
+    // (or when the guardian cannot take it), and the guardian watches it from its exec
+    // on (see guardian.hpp). Whoever reaps it calls guardian_forget(pid) first.
+    bool program = false;
 };
 
 // Starts `plan` in a new process group led by the child. Returns the child's pid.
 // Throws std::system_error if the program could not be executed (errno of execve).
+// The child inherits exactly 0..2 (after `redirects`) and `keep_fds`.
 pid_t exec_child(const ExecPlan& plan);
 
 // fork()s the calling process. In the child (return value 0) the guard is already
@@ -45,17 +51,25 @@ pid_t fork_child(pid_t owner);
 
 // In a zygote: clone(CLONE_PARENT) so that the new process is a child of the zygote's
 // parent (the caller), exactly like one the caller forked itself. Returns 0 in the new
-// process, whose guard against `owner` (the caller) is armed. Throws on failure (for
-// example EPERM where a seccomp policy refuses the flag).
+// process, whose guard against `owner` (the caller) is armed and which has what glibc's
+// fork gives a child and matters here (see launch.cpp). Throws on failure (for example
+// EPERM where a seccomp policy refuses the flag, EBUSY when this thread holds a robust
+// mutex). Call only where zygote_fork_check() returned nullptr.
 // The new process stays in the zygote's process group: it may fork siblings in turn
 // (nobody but the caller could move those into groups of their own), and each must
 // call setpgid(0, 0) once it has forked what it forks. A process that led its own group
 // while forking could otherwise signal its group and hit a sibling not yet moved out.
 pid_t zygote_fork(pid_t owner);
 
+// Whether this process can use zygote_fork: nullptr when it can (glibc's cached thread
+// id lives at the thread's clear-child-tid address, and an empty robust-futex list is
+// registered), else why not. A zygote that gets a reason is unfit.
+const char* zygote_fork_check() noexcept;
+
 // What a new zygote child does before any Python code runs in it, in this order: move
-// into a process group of its own, dup2 each (source, target) pair, close `close_fds`,
-// then write its pid (native int32) to `announce_fd`, from which the caller adopts it.
+// into a process group of its own, dup2 each (source, target) pair (targets 0..2 only:
+// the only fds that lose close-on-exec), close `close_fds`, then write its pid (native
+// int32) to `announce_fd`, from which the caller adopts it.
 struct ChildFds {
     int announce_fd = -1;
     std::vector<std::pair<int, int>> dup2s;
@@ -63,7 +77,7 @@ struct ChildFds {
 };
 
 // Async-signal-safe. Applies `fds` in the calling process (see ChildFds); returns
-// false, with errno set, if a dup2 or the announcement failed.
+// false, with errno set, if a dup2 (EBADF: a target outside 0..2) or the announcement failed.
 bool enter_child(const ChildFds& fds) noexcept;
 
 // The calling process's umask from /proc/self/status (no umask() round trip, which

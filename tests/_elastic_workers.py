@@ -107,3 +107,8 @@ def fail_rank(rank, message):
 
 def exit_rank(rank, code):
     exit_with(code)
+
+
+def interrupted():
+    """Ends by KeyboardInterrupt, as from a Ctrl-C."""
+    raise KeyboardInterrupt

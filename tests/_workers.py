@@ -334,3 +334,117 @@ def fill_shared_tensor(i, tensor):
 
 def report_name(i, queue):
     queue.put(multiprocessing.current_process().name)
+
+
+# --------------------------------------------------------------------------- issue 10
+def interrupt_in_rank(i, bad_rank):
+    """Rank ``bad_rank`` ends by KeyboardInterrupt (as from a Ctrl-C); the others return i."""
+    if i == bad_rank:
+        raise KeyboardInterrupt
+    return i
+
+
+class _ValueThatWontLoad:
+    """A return value that pickles in the child and raises while unpickled in the parent."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ("return value refuses to load in the parent",))
+
+
+def return_unloadable_in_rank(i, bad_rank):
+    return _ValueThatWontLoad() if i == bad_rank else i
+
+
+def exit_abruptly_in_rank(i, bad_rank, code):
+    """Rank ``bad_rank`` leaves by os._exit (no record of any kind); the others return."""
+    if i == bad_rank:
+        os._exit(code)
+
+
+def fds_of_a_subprocess(i):
+    """The fds a program run by this rank with close_fds=False starts with (its listing's
+    own fd included)."""
+    import subprocess
+
+    code = "import os; print(' '.join(sorted(os.listdir('/proc/self/fd'), key=int)))"
+    done = subprocess.run([sys.executable, "-c", code], close_fds=False, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def fds_of_os_system(i, path):
+    """Same through os.system (a shell, then ls): written to ``path``."""
+    return os.system(f"ls /proc/self/fd > {path}.{i}")
+
+
+def mark_when_interrupted(i, directory):
+    """Say "ready" (a file), sleep until a KeyboardInterrupt, then leave a file named
+    after this pid."""
+    try:
+        with open(os.path.join(directory, f"ready-{os.getpid()}"), "w"):
+            pass
+        _sleep_forever()
+    except KeyboardInterrupt:
+        with open(os.path.join(directory, str(os.getpid())), "w"):
+            pass
+
+
+# --------------------------------------------------------------------------- test side
+class Freezer:
+    """A freezer cgroup (v1) of its own: ``freeze(pid)`` makes a process unable to run, or
+    die, even of SIGKILL, until ``thaw()`` (always call it: ``with Freezer() as f``)."""
+
+    ROOT = "/sys/fs/cgroup/freezer"
+
+    @classmethod
+    def missing(cls):
+        """Why this machine cannot freeze processes, or None."""
+        if not os.path.isfile(os.path.join(cls.ROOT, "cgroup.procs")):
+            return f"no freezer cgroup controller at {cls.ROOT}"
+        if not os.access(cls.ROOT, os.W_OK):
+            return f"{cls.ROOT} is not writable"
+        return None
+
+    def __enter__(self):
+        self.path = os.path.join(self.ROOT, f"fastspawn-layers-test-{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(self.path)
+        return self
+
+    def _write(self, name, text):
+        with open(os.path.join(self.path, name), "w") as fh:
+            fh.write(text)
+
+    def _state(self):
+        with open(os.path.join(self.path, "freezer.state")) as fh:
+            return fh.read().strip()
+
+    def freeze(self, pid, deadline=60.0):
+        self._write("cgroup.procs", str(pid))
+        self._write("freezer.state", "FROZEN")
+        end = time.monotonic() + deadline
+        while self._state() != "FROZEN":
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.path} did not freeze")
+            time.sleep(0.01)
+
+    def thaw(self):
+        self._write("freezer.state", "THAWED")
+
+    def __exit__(self, *exc_info):
+        self.thaw()
+        end = time.monotonic() + 60.0
+        while True:  # the thawed processes die of their pending SIGKILL (or move out)
+            with open(os.path.join(self.path, "cgroup.procs")) as fh:
+                pids = fh.read().split()
+            for pid in pids:
+                try:
+                    with open(os.path.join(self.ROOT, "cgroup.procs"), "w") as fh:
+                        fh.write(pid)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.01)

@@ -137,6 +137,19 @@ def _join_timeout_on_sleeping_child(api, method, seen):
     return seen["result"]
 
 
+def _peer_ignores_sigterm(api, method, seen):
+    """Rank 0 fails while rank 1 ignores SIGTERM: SIGTERM, the grace, then SIGKILL."""
+    ready = multiprocessing.get_context(method).Event()
+    ctx = api.start_processes(w.fail_while_peer_resists_sigterm, (ready, "ignore"), nprocs=2, join=False,
+                              start_method=method)
+    seen["pids"].extend(ctx.pids())
+    try:
+        ctx.join(grace_period=0.2)
+    finally:
+        seen["result"] = {"exitcodes": [p.exitcode for p in ctx.processes]}
+    return seen["result"]
+
+
 def _join_again_after_a_failure(api, method, seen):
     """After join() raised, later joins report the remaining failures, then True."""
     ctx = api.start_processes(w.raise_in_rank_others_sleep, (1,), nprocs=2, join=False, start_method=method)
@@ -221,6 +234,19 @@ def test_join_again_after_a_failure(method):
         "exitcodes": [-15, 1],
     }
     assert seen["logs"] == [("WARNING", "Terminating process <pid> via signal SIGTERM")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", METHODS)
+def test_shut_down_logs_sigterm_then_sigkill_as_torch(method):
+    """The stop after a failure logs exactly torch's records, SIGKILL one included."""
+    seen = compare(_peer_ignores_sigterm, method)
+    assert seen["exception"]["str"] == "process 0 terminated with exit code 1"
+    assert seen["result"] == {"exitcodes": [1, -9]}
+    assert seen["logs"] == [
+        ("WARNING", "Terminating process <pid> via signal SIGTERM"),
+        ("WARNING", "Unable to shutdown process <pid> via SIGTERM , forcefully exiting via SIGKILL"),
+    ]
 
 
 def test_spawn_start_method_fork_warning():

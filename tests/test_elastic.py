@@ -18,12 +18,14 @@ import re
 import signal
 import sys
 import threading
+import time
 from multiprocessing import resource_tracker
 from types import SimpleNamespace
 
 import pytest
 
 import _elastic_envprobe as probe
+import _workers
 import _elastic_workers as w
 import fastspawn
 import fastspawn.elastic as fe
@@ -579,44 +581,85 @@ def test_improvement_env_in_place_before_the_call_loads(method, tmp_path):
         assert ctx.wait(period=0.05).return_values == {0: None}
 
 
+@pytest.mark.timeout(120, method="signal")  # teardown must run: it thaws the frozen rank
+@pytest.mark.skipif(_workers.Freezer.missing() is not None, reason=str(_workers.Freezer.missing()))
 def test_improvement_close_is_bounded(caplog):
-    """A rank ignoring SIGTERM is killed after ``timeout``; one whose end is never seen
-    (as a process stuck in the kernel) is logged and abandoned instead of hanging close."""
+    """A rank ignoring SIGTERM is killed after ``timeout``; one that cannot even die of
+    SIGKILL (frozen: as a process stuck in the kernel) is logged and left to the engine's
+    reaper instead of hanging close."""
     ready = multiprocessing.get_context("spawn").Event()
-    ctx = _start(w.act, {0: ("ignore_term_then_wait", ready), 1: ("wait_forever",)})
-    assert ready.wait(60)
-    run = ctx._pc._run
-    caplog.set_level(logging.WARNING, logger="fastspawn.elastic")
-    real = run.exitcodes
-    run.exitcodes = unseen = _Unseen(real, hidden=0)  # the engine never shows rank 0's exit
-    try:
+    caplog.set_level(logging.WARNING, logger="fastspawn")
+    with _workers.Freezer() as freezer:
+        ctx = _start(w.act, {0: ("ignore_term_then_wait", ready), 1: ("wait_forever",), 2: ("wait_forever",)})
+        assert ready.wait(60)
+        pid0, pid1, pid2 = (ctx.pids()[rank] for rank in range(3))
+        freezer.freeze(pid2)
+        run = ctx._pc._run
         ctx.close(timeout=0.2)
-    finally:
-        real[:] = list.__iter__(unseen)
-        run.exitcodes = real
-    messages = [r.getMessage() for r in caplog.records]
-    pid0, pid1 = ctx.pids()[0], ctx.pids()[1]
-    assert f"Closing process {pid0} via signal SIGTERM" in messages
-    term, kill = signal.SIGTERM, signal.SIGKILL  # printed as torch prints them (str of the enum)
-    assert f"Unable to shutdown process {pid0} via {term}, forcefully exiting via {kill}" in messages
-    assert any(m.startswith(f"Process {pid0} did not exit after SIGKILL within 0.2s") for m in messages)
-    assert not any(f"Unable to shutdown process {pid1}" in m for m in messages)
-    ctx.close()
-    assert run.exitcodes == [-9, -15]
+        messages = [r.getMessage() for r in caplog.records]
+        term, kill = signal.SIGTERM, signal.SIGKILL  # printed as torch prints them (str of the enum)
+        for pid in (pid0, pid1, pid2):
+            assert f"Closing process {pid} via signal SIGTERM" in messages
+        for pid in (pid0, pid2):
+            assert f"Unable to shutdown process {pid} via {term}, forcefully exiting via {kill}" in messages
+        assert not any(f"Unable to shutdown process {pid1}" in m for m in messages)
+        assert any(m.startswith(f"fastspawn: process {pid2} (rank 2) did not exit after SIGKILL (state ") for m in messages)
+        assert any(m.startswith(f"Process {pid2} did not exit after SIGKILL within {fastspawn._core.KILL_WAIT}s") for m in messages)
+        assert run.exitcodes == [-9, -15, -9]  # rank 2 will die of its SIGKILL once thawed
+        assert fastspawn._core.child_running(pid2)
+    deadline = time.monotonic() + 60  # thawed: it dies, and the engine's reaper reaps it
+    while fastspawn._core.child_running(pid2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fastspawn._core.child_running(pid2)
 
 
-class _Unseen(list):
-    """exit codes as they would look if rank ``hidden`` never ended."""
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_improvement_interrupted_rank_is_a_failure(method, tmp_path):
+    """A rank that ends by KeyboardInterrupt returned nothing: a failure (exit by SIGINT,
+    traceback logged), where torch's function ranks end quietly with exit code 0."""
+    logs = fe.DefaultLogsSpecs(log_dir=str(tmp_path))
+    ctx = fe.start_processes("t", w.act, {0: ("interrupted",), 1: ("hello", "r1")}, {0: {}, 1: {}}, logs,
+                             start_method=method)
+    result = ctx.wait()
+    assert result.is_failed() and list(result.failures) == [0]
+    failure = result.failures[0]
+    assert failure.exitcode == -signal.SIGINT and failure.signal_name() == "SIGINT"
+    assert ctx._pc.error_traceback(0).endswith("KeyboardInterrupt\n")
 
-    def __init__(self, codes, hidden):
-        super().__init__(codes)
-        self.hidden = hidden
 
-    def __getitem__(self, index):
-        return None if index == self.hidden else super().__getitem__(index)
+@pytest.mark.timeout(60)
+def test_error_files_are_written_atomically(tmp_path, monkeypatch):
+    """An error file is written whole to a temporary file beside it, then renamed over it:
+    a rank killed while writing leaves no half-written file for the launcher to misread."""
+    target = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(target))
+    renames = []
+    real_replace = os.replace
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+    def replace(src, dst):
+        with open(src) as fh:
+            renames.append((os.path.dirname(src), os.path.exists(dst), json.load(fh), dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    handler = fe_errors.get_error_handler()
+    try:
+        raise ValueError("recorded")
+    except ValueError as exc:
+        handler.record_exception(exc)
+    assert len(renames) == 1
+    directory, existed, data, dst = renames[0]
+    assert (directory, existed, dst) == (str(tmp_path), False, str(target))
+    assert data["message"]["message"] == "ValueError: recorded"
+    with open(target) as fh:
+        assert json.load(fh) == data
+    child = tmp_path / "child.json"  # a launcher copying its child's error file: same way
+    child.write_text(json.dumps({"message": "flat", "timestamp": 1}))
+    handler.dump_error_file(str(child))
+    assert [(d, existed_before) for d, existed_before, _, _ in renames[1:]] == [(str(tmp_path), False)]
+    assert json.loads(target.read_text()) == {"message": "flat", "timestamp": 1}
+    assert sorted(os.listdir(tmp_path)) == ["child.json", "error.json"]
 
 
 def test_improvement_temporary_log_dir_removed():
@@ -765,3 +808,13 @@ def test_forgotten_context_leaves_no_fds(monkeypatch, caplog):
     gc.collect()
     extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert extra == {}
+
+
+@pytest.mark.timeout(30)
+def test_failure_with_unknown_exit_status_says_so():
+    failure = fe.ProcessFailure(local_rank=0, pid=123, exitcode=fastspawn.UnknownExitStatus(), error_file="")
+    assert failure.message == (
+        "Process 123 ended, but its exit status was collected by another process (SIGCHLD ignored, "
+        "or a waitpid(-1) loop) and it reported none"
+    )
+    assert failure.signal_name() == "<N/A>"

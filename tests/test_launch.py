@@ -173,3 +173,289 @@ def test_a_dead_resource_tracker_is_restarted_for_the_next_call(reaped):
     join_all(ctx)
     assert ctx.return_value(0) == 0
     assert tracker._pid not in (None, old_pid)
+
+
+# ---- issue 10: ranks as pristine as a fresh interpreter, programs die with their launcher ----
+
+import errno
+import json
+import platform
+import signal
+import subprocess
+import textwrap
+import time
+
+from fastspawn import _core
+
+_GET_ROBUST_LIST = {"x86_64": 274, "aarch64": 100}.get(platform.machine())
+_EOWNERDEAD = 130 if platform.machine() in ("x86_64", "aarch64") else None
+
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    return libc
+
+
+def _shared_mutex(libc, path):
+    """The address of a 64-byte shared mapping of `path` (a pthread_mutex_t fits)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        addr = libc.mmap(None, 64, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    assert addr not in (None, 2**64 - 1)
+    return addr
+
+
+def _die_holding_a_robust_mutex(i, path):
+    """In a rank: what the kernel knows of its robust-futex list, then lock a robust,
+    process-shared mutex in `path`.<rank> and exit holding it."""
+    import ctypes
+
+    libc = _libc()
+    head = ctypes.c_void_p()
+    length = ctypes.c_size_t()
+    rc = libc.syscall(_GET_ROBUST_LIST, ctypes.c_int(0), ctypes.byref(head), ctypes.byref(length))
+    reason = _core.zygote_fork_check()  # before the lock: a held robust mutex is a reason
+    mutex = _shared_mutex(libc, f"{path}.{i}")
+    attr = ctypes.create_string_buffer(64)
+    libc.pthread_mutexattr_init(attr)
+    libc.pthread_mutexattr_setpshared(attr, 1)
+    libc.pthread_mutexattr_setrobust(attr, 1)
+    assert libc.pthread_mutex_init(ctypes.c_void_p(mutex), attr) == 0
+    assert libc.pthread_mutex_lock(ctypes.c_void_p(mutex)) == 0
+    return rc, head.value or 0, reason
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(_GET_ROBUST_LIST is None, reason="syscall numbers known for x86-64 and AArch64 only")
+@pytest.mark.parametrize("nprocs", [2, 9], ids=["zygote-forks", "helper-forks-too"])
+@methods
+def test_a_rank_dying_with_a_robust_mutex_leaves_it_owner_dead(method, nprocs, tmp_path):
+    """The robust-futex list is registered and glibc's cached thread id is the rank's own
+    (the kernel marks a dead owner's mutex only when the tid stored in it is the dying
+    thread's): a peer then gets EOWNERDEAD instead of blocking for ever."""
+    import ctypes
+
+    path = tmp_path / "mutex"
+    for i in range(nprocs):
+        (tmp_path / f"mutex.{i}").write_bytes(bytes(64))
+    ctx = _api.launch(_die_holding_a_robust_mutex, (str(path),), nprocs, start_method=method, return_values=True)
+    join_all(ctx)
+    libc = _libc()
+    for rank in range(nprocs):
+        rc, head, reason = ctx.return_value(rank)
+        assert rc == 0 and head != 0, f"rank {rank}: no robust-futex list registered"
+        assert reason is None, f"rank {rank}: {reason}"
+        deadline = (ctypes.c_long * 2)(int(time.time()) + 2, 0)  # CLOCK_REALTIME, 2 s on
+        mutex = ctypes.c_void_p(_shared_mutex(libc, f"{path}.{rank}"))
+        assert libc.pthread_mutex_timedlock(mutex, deadline) == _EOWNERDEAD, f"rank {rank}"
+        libc.pthread_mutex_consistent(mutex)  # ours now: leave this process's list empty
+        assert libc.pthread_mutex_unlock(mutex) == 0
+
+
+@pytest.mark.timeout(10)
+def test_this_interpreter_passes_the_zygote_fork_check():
+    assert _core.zygote_fork_check() is None
+
+
+# A launcher in a subprocess: starts programs that each leave a background child in
+# their process group, prints what it started, then waits to be killed (or exits).
+_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    from fastspawn import _api, _core
+    from test_launch import _group_members, _live as running
+
+    def members(pgid):
+        return sorted(_group_members({pgid}))
+
+    mode = sys.argv[1]
+    started = []
+    def start():
+        argv = ["sh", "-c", "exit 0" if mode == "exit" else "sleep 300 & sleep 300; wait"]
+        started.append(_api.launch_programs([argv] * 2, [dict(os.environ)] * 2))
+    if mode == "thread":  # the launching thread ends long before the launcher dies
+        t = threading.Thread(target=start)
+        t.start()
+        t.join()
+    else:
+        start()
+    ctx = started[0]
+    pids = ctx.pids()
+    if mode == "restart":  # someone kills the guardian: the next start makes a new one
+        first = _core.guardian_pid()
+        os.kill(first, 9)
+        while running(first):
+            time.sleep(0.01)
+        start()
+        assert _core.guardian_pid() not in (0, first)
+        pids += started[1].pids()
+    if mode == "exit":  # normal use: the programs end, the context is joined, we exit
+        while not ctx.join():
+            pass
+    while mode != "exit" and any(len(members(p)) < 3 for p in pids):  # sh, its two sleeps
+        time.sleep(0.01)
+    child = 0
+    if mode == "fork":  # a fork child of the launcher outlives it
+        child = os.fork()
+        if child == 0:
+            time.sleep(300)
+            os._exit(0)
+    print(json.dumps({"pids": pids, "members": [members(p) for p in pids],
+                      "guardian": _core.guardian_pid(), "child": child}), flush=True)
+    if mode == "exit":
+        sys.exit(0)
+    time.sleep(300)
+    """
+)
+
+
+def _live(pid):
+    """Whether pid runs (a zombie has finished running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _group_members(pgids):
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) in pgids and fields[0] != "Z":
+                found.add(int(name))
+    return found
+
+
+def _wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _start_driver(mode):
+    """Runs _DRIVER; returns it and what it printed (killed if it prints nothing in 30 s)."""
+    import select
+
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, mode], stdout=subprocess.PIPE, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30.0)
+        line = proc.stdout.readline() if ready else b""
+    finally:
+        proc.stdout.close()
+    if not line:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the driver printed nothing: it died or hung before starting its programs")
+    return proc, json.loads(line)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["main", "thread", "fork", "restart"])
+def test_programs_and_their_groups_die_with_a_sigkilled_launcher(mode):
+    proc, info = _start_driver(mode)
+    pgids = set(info["pids"])
+    try:
+        assert all(len(m) == 3 for m in info["members"])
+        assert all(_live(p) for p in info["pids"])  # the launching thread's end killed nothing
+        proc.kill()
+        proc.wait()
+        assert _wait_until(lambda: not _group_members(pgids), 5.0), (
+            f"still running after the launcher's SIGKILL: {sorted(_group_members(pgids))}")
+        assert _wait_until(lambda: not _live(info["guardian"]), 5.0)
+    finally:
+        for pid in _group_members(pgids) | ({info["child"]} if info["child"] else set()):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_the_guardian_leaves_nothing_after_a_normal_exit():
+    proc, info = _start_driver("exit")
+    try:
+        assert proc.wait(timeout=30) == 0
+        assert info["guardian"] > 0
+        assert _wait_until(lambda: not _live(info["guardian"]) and not _group_members(set(info["pids"])), 5.0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(30)
+def test_the_guardian_is_never_our_child_to_reap():
+    before = children()
+    ctx = _api.launch_programs([["true"], ["sh", "-c", "exit 3"]], [dict(os.environ)] * 2)
+    ctx._run.wait_all(None)
+    assert ctx._run.exitcodes == [0, 3]
+    guardian = _core.guardian_pid()
+    assert guardian > 0 and _live(guardian)
+    assert guardian not in children()
+    assert children() == before  # the intermediate was reaped; no zombie
+    assert all(p.status() != psutil.STATUS_ZOMBIE for p in psutil.Process().children())
+
+
+_FD_COUNT = "import os; print(len(os.listdir('/proc/self/fd')))"
+
+
+def _fd_count_of_a_program(close_fds):
+    out = subprocess.run([sys.executable, "-c", _FD_COUNT], close_fds=close_fds, capture_output=True, text=True)
+    return int(out.stdout)
+
+
+@pytest.mark.timeout(30)
+def test_programs_inherit_only_stdio(tmp_path):
+    r, w_ = os.pipe()
+    os.set_inheritable(r, True)  # an inheritable fd of the launcher must not leak either
+    out = open(tmp_path / "count", "w")
+    try:
+        ctx = _api.launch_programs([[sys.executable, "-c", _FD_COUNT]], [dict(os.environ)],
+                                   stdio=[(out.fileno(), None)])
+    finally:
+        out.close()
+        os.close(r)
+        os.close(w_)
+    ctx._run.wait_all(None)
+    assert int((tmp_path / "count").read_text()) == _fd_count_of_a_program(close_fds=True)
+
+
+@pytest.mark.timeout(30)
+def test_enter_child_makes_only_stdio_inheritable():
+    def check():  # in a fork child: enter_child also moves it to a group of its own
+        r, w_ = os.pipe()  # close-on-exec, as every engine and zygote fd
+        try:
+            _core.enter_child(w_, [(r, 5)], [])
+        except OSError as e:
+            refused = e.errno == errno.EBADF
+        else:
+            return 1
+        _core.enter_child(w_, [(r, 1)], [])
+        ok = refused and os.get_inheritable(1) and not os.get_inheritable(r) and not os.get_inheritable(w_)
+        return 0 if ok and os.read(r, 4) == os.getpid().to_bytes(4, sys.byteorder) else 2
+
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            code = check()
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -1134,6 +1134,7 @@ def test_all_names():
             "ProcessRaisedException",
             "SpawnContext",
             "SpawnedProcess",
+            "UnknownExitStatus",
             "ZygoteError",
             "__version__",
             "patch_torch",
@@ -1200,3 +1201,193 @@ def test_torch_names_are_all_provided():
     missing = [name for name in torch_spawn.__all__ if not hasattr(fastspawn, name)]
     assert missing == []
     assert fastspawn.ENV_VAR_PARALLEL_START == torch_spawn.ENV_VAR_PARALLEL_START
+
+
+# --------------------------------------------------------------------------- nothing lost (issue 10)
+RUN_CASES = [("spawn", True), ("spawn", False), ("fork", None)]  # (start method, zygote)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_run_reports_a_rank_ended_by_keyboard_interrupt(method, zygote):
+    """fastspawn.run owes every rank's value: a rank that ends by KeyboardInterrupt is a
+    failure (its traceback, its exit by SIGINT), not a quiet exit 0 (spawn keeps torch's
+    quiet end: test_keyboard_interrupt_in_child_counts_as_success)."""
+    with pytest.raises(ProcessRaisedException) as info:
+        fastspawn.run(w.interrupt_in_rank, 2, (1,), start_method=method, zygote=zygote)
+    assert info.value.error_index == 1
+    assert info.value.msg.startswith("\n\n-- Process 1 terminated with the following error:\nTraceback")
+    assert info.value.msg.endswith("\nKeyboardInterrupt\n")
+    ctx = fastspawn._api.launch(w.interrupt_in_rank, (1,), 2, start_method=method, zygote=zygote,
+                                return_values=True)
+    ctx._run.wait_all(WAIT)
+    assert [p.exitcode for p in ctx.processes] == [0, -signal.SIGINT]
+    assert ctx.return_value(0) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_run_names_the_rank_whose_return_value_cannot_be_unpickled(method, zygote):
+    with pytest.raises(RuntimeError) as info:
+        fastspawn.run(w.return_unloadable_in_rank, 2, (1,), start_method=method, zygote=zygote)
+    assert str(info.value) == (
+        "the return value of process 1 could not be unpickled in the parent: "
+        "RuntimeError: return value refuses to load in the parent"
+    )
+    assert str(info.value.__cause__) == "return value refuses to load in the parent"
+
+
+_SIGCHLD_IGNORED = """
+    import signal, sys
+    sys.path.insert(0, %r)
+    import fastspawn
+    import _workers as w
+
+    if __name__ == "__main__":
+        method, zygote = sys.argv[1], sys.argv[2] == "1"
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+        print(fastspawn.start_processes(w.noop, nprocs=2, start_method=method, zygote=zygote))
+        print(fastspawn.run(pow, 2, (2,), start_method=method, zygote=zygote))
+        for fn, args in ((w.raise_in_rank, (1,)), (w.exit_abruptly_in_rank, (0, 7))):
+            try:
+                fastspawn.start_processes(fn, args, nprocs=2, start_method=method, zygote=zygote)
+            except fastspawn.ProcessException as exc:
+                print(type(exc).__name__, exc.error_index, getattr(exc, "exit_code", None))
+                print(str(exc).strip().splitlines()[-1])
+""" % os.path.dirname(os.path.abspath(w.__file__))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_sigchld_ignored_in_the_parent(tmp_path, method, zygote):
+    """Someone else collects the children's exit statuses: success and raised errors are
+    still told apart by the ranks' own records; a rank that left without a word is a
+    failure saying so (never a made-up exit code 255)."""
+    done = _run_script(tmp_path, _SIGCHLD_IGNORED, method, "1" if zygote else "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "None",
+        "[0, 1]",
+        "ProcessRaisedException 1 None",
+        "ValueError: legitimate exception from process 1",
+        "ProcessExitedException 0 UnknownExitStatus()",  # fastspawn.UnknownExitStatus: 1, says so
+        "process 0 ended, but its exit status was collected by another process "
+        "(SIGCHLD ignored, or a waitpid(-1) loop) and it reported none",
+    ]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method,zygote", RUN_CASES)
+def test_programs_a_rank_runs_inherit_only_stdio(method, zygote, tmp_path):
+    """A rank's own channels (control, result, resource tracker) are close-on-exec: a
+    program it runs with close_fds=False, or through os.system, has fds 0-2 only (plus
+    the one its listing opens)."""
+    expected = ["0", "1", "2", "3"]
+    if method == "fork":  # a fork of the caller has what the caller left inheritable (not ours)
+        expected += [fd for fd in _inheritable_fds() if int(fd) > 2]
+    listings = fastspawn.run(w.fds_of_a_subprocess, 2, start_method=method, zygote=zygote)
+    assert listings == [sorted(expected, key=int)] * 2
+    path = str(tmp_path / "fds")
+    assert fastspawn.run(w.fds_of_os_system, 2, (path,), start_method=method, zygote=zygote) == [0, 0]
+    for rank in range(2):
+        with open(f"{path}.{rank}") as fh:
+            assert sorted(fh.read().split(), key=int) == sorted(expected, key=int)
+
+
+def _inheritable_fds():
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(fd)):
+                fds.append(fd)
+        except OSError:  # the listing's own fd, closed by now
+            pass
+    return fds
+
+
+@pytest.mark.timeout(120, method="signal")  # teardown must run: it thaws the frozen rank
+@pytest.mark.skipif(w.Freezer.missing() is not None, reason=str(w.Freezer.missing()))
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_join_is_bounded_with_a_rank_that_cannot_die(method, launch, caplog):
+    """A frozen rank (it cannot die, even of SIGKILL) while another fails: join raises
+    within the stop's bounds, the rank it could not reap is logged (pid and state) and
+    reaped by the engine once it can die."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with w.Freezer() as freezer:
+        ctx = launch(w.raise_in_rank_others_sleep, (0,), 2, method)
+        pid1 = ctx.pids()[1]
+        freezer.freeze(pid1)
+        with pytest.raises(ProcessRaisedException) as info:
+            join_all(ctx, grace_period=0.2)
+        assert info.value.error_index == 0
+        messages = [r.getMessage() for r in our_records(caplog)]
+        assert len(messages) == 3 and messages[0] == TERM_MSG % pid1 and messages[2] == KILL_MSG % pid1
+        assert re.fullmatch(  # logged by the stop itself, as it returns
+            rf"fastspawn: process {pid1} \(rank 1\) did not exit after SIGKILL \(state \w \([^)]*\)\); "
+            r"it will be reaped when it exits",
+            messages[1],
+        ), messages
+        assert ctx.processes[1].exitcode == -signal.SIGKILL  # what it dies of, once it can
+        assert fastspawn._core.child_running(pid1)
+    deadline = time.monotonic() + WAIT  # thawed: it dies, and the engine's reaper reaps it
+    while fastspawn._core.child_running(pid1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fastspawn._core.child_running(pid1)
+
+
+@pytest.mark.timeout(30)
+def test_unknown_exit_status_is_a_failure_that_says_so():
+    """What a rank's exit code reads when its status was collected elsewhere and it
+    reported none: a failure (!= 0), not a made-up status, and it survives pickling
+    (exceptions carrying it cross processes)."""
+    code = fastspawn.UnknownExitStatus()
+    assert code != 0 and repr(code) == str(code) == "UnknownExitStatus()"
+    again = pickle.loads(pickle.dumps(ProcessExitedException("lost", 0, 1, code)))
+    assert type(again.exit_code) is fastspawn.UnknownExitStatus
+
+
+_CTRL_C_AT_EXIT = """
+    import sys
+    sys.path.insert(0, %r)
+    import fastspawn
+    import _workers as w
+
+    if __name__ == "__main__":
+        runs = [fastspawn.start_processes(w.mark_when_interrupted, (sys.argv[1],), nprocs=2, join=False,
+                                          start_method=method) for method in ("spawn", "fork")]
+        print(*[pid for ctx in runs for pid in ctx.pids()], flush=True)
+        # the end of the script: the interpreter joins the children at exit
+""" % os.path.dirname(os.path.abspath(w.__file__))
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_at_interpreter_exit_stops_every_run(tmp_path):
+    """Non-daemon children are joined at exit (as multiprocessing does); a Ctrl-C there
+    stops every run left the way a Ctrl-C in join() does (SIGINT first), and the
+    interpreter ends."""
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent(_CTRL_C_AT_EXIT))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(marks)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 4, proc.communicate(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while True:  # until every child sleeps and the interpreter waits in fastspawn's exit hook
+            with open(f"/proc/{proc.pid}/wchan") as fh:
+                if fh.read() == "do_epoll_wait" and len(os.listdir(marks)) == 4:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in err
+    interrupted = [int(name) for name in os.listdir(marks) if not name.startswith("ready-")]
+    assert sorted(interrupted) == sorted(pids)  # each got its SIGINT
+    assert _wait_dead(pids)

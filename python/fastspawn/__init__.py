@@ -25,6 +25,7 @@ _EXPORTS = {
     "ProcessException": "._errors",
     "ProcessExitedException": "._errors",
     "ProcessRaisedException": "._errors",
+    "UnknownExitStatus": "._errors",
     "ZygoteError": "._zygote",
     "patch_torch": "._patch",
     "unpatch_torch": "._patch",
@@ -70,6 +71,6 @@ if TYPE_CHECKING:
         warmup,
     )
     from ._run import run
-    from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException
+    from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
     from ._patch import patch_torch, unpatch_torch
     from ._zygote import ZygoteError

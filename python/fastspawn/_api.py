@@ -19,10 +19,10 @@ import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
 from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from . import _child, _core, _payload, _zygote
-from ._errors import ProcessExitedException, ProcessRaisedException
+from ._errors import UNKNOWN_STATUS_TEXT, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
 
 __all__ = ["ENV_VAR_PARALLEL_START", "ProcessContext", "SpawnContext", "start_processes", "spawn"]
 
@@ -138,6 +138,7 @@ class _Run:
         self.exitcodes: List[Optional[int]] = [None] * nprocs
         self.outputs: List[bytes] = [b""] * nprocs
         self.exit_order: List[int] = []
+        self.abandoned: Set[int] = set()  # ranks a stop handed to the engine's reaper
         self._absorbing = threading.Lock()
         self._finalizer = weakref.finalize(self, _collect_group, self.group)
         self._finalizer.atexit = False  # our own exit hook decides (see _at_exit)
@@ -147,6 +148,12 @@ class _Run:
         with self._absorbing:
             for rank, _pid, code, output in exits:
                 if self.exitcodes[rank] is None:
+                    if code is None and rank in self.abandoned:  # SIGKILLed, reaper's now
+                        code = -signal.SIGKILL
+                    elif code is None:  # reaped by someone else: the rank's own word, if any
+                        code = _payload.exit_status(output)
+                        if code is None:
+                            code = UnknownExitStatus()
                     self.exitcodes[rank] = code
                     self.outputs[rank] = output
                     self.exit_order.append(rank)
@@ -154,12 +161,16 @@ class _Run:
     def poll(self) -> None:
         self._absorb(self.group.wait(0.0, False, len(self.exit_order)))
 
-    def wait_any(self, timeout: Optional[float], known: Optional[int] = None) -> None:
+    def wait_any(self, timeout: Optional[float], known: Optional[int] = None, watch: Sequence[int] = ()) -> None:
         """Until more than ``known`` children (default: those seen so far) have exited,
-        or the timeout. Exits seen by another thread meanwhile count too."""
+        one of the fds in ``watch`` is readable (or hung up), or the timeout. Exits seen
+        by another thread meanwhile count too."""
         if known is None:
             known = len(self.exit_order)
-        self._absorb(self.group.wait(timeout, False, known))
+        if watch:
+            self._absorb(self.group.wait(timeout, False, known, watch=list(watch)))
+        else:
+            self._absorb(self.group.wait(timeout, False, known))
 
     def wait_all(self, timeout: Optional[float]) -> None:
         self._absorb(self.group.wait(timeout, True, len(self.exit_order)))
@@ -172,19 +183,49 @@ class _Run:
             if left == 0.0:
                 break
 
-    def stop(self, grace: float) -> None:
-        self.group.stop(grace)
-        self.poll()
+    def stop(self, grace: float, signal: int = signal.SIGTERM) -> List[int]:
+        """Stop every child still running; return the ranks that had to get SIGKILL.
+
+        The one stop routine of fastspawn (every front end calls it): ``signal`` to each live
+        child, up to ``grace`` seconds for them to exit, SIGKILL to each one left (and to its
+        process group), then up to ``_core.KILL_WAIT`` seconds for them to die. So it
+        returns within ``grace + KILL_WAIT`` seconds (plus at most one second for children
+        still starting elsewhere), whatever the children do. A child that is still not
+        reaped then (stuck in the kernel, frozen) is logged (one WARNING naming its pid and
+        state) and left to the engine's reaper, which reaps it whenever it exits; its exit
+        code reads -SIGKILL (what it dies of: it never runs user code again). A Ctrl-C
+        during the grace cuts it short: the SIGKILL step still runs, then the
+        KeyboardInterrupt propagates. ``grace`` 0 (or ``signal`` 0) kills at once.
+        """
+        try:
+            killed, unreaped = _stop_group(self.group, grace, signal)
+            self.abandoned.update(unreaped)
+            return killed
+        finally:
+            self.poll()
 
     def interrupt(self) -> None:
-        """Ctrl-C in the parent: children get SIGINT as from a terminal, then are stopped."""
-        for rank in range(self.group.size):
-            self.group.send_signal(rank, signal.SIGINT)
-        self.wait_all(_SHUTDOWN_GRACE)
-        self.stop(_SHUTDOWN_GRACE)
+        """Ctrl-C in the parent: children get SIGINT as from a terminal, then
+        ``_SHUTDOWN_GRACE`` seconds to exit before SIGKILL (see :meth:`stop`)."""
+        self.stop(_SHUTDOWN_GRACE, signal.SIGINT)
 
     def running(self) -> int:
         return sum(1 for rank in range(self.group.size) if self.group.running(rank))
+
+
+def _stop_group(group: Any, grace: float, sig: int = signal.SIGTERM) -> Tuple[List[int], List[int]]:
+    """:meth:`_Run.stop` on a bare engine group (also for one whose run is gone): returns
+    the ranks that got SIGKILL and those handed to the engine's reaper."""
+    killed, unreaped = group.stop(grace, sig)
+    for rank, pid, state in unreaped:
+        log.warning(
+            "fastspawn: process %d (rank %d) did not exit after SIGKILL (state %s); "
+            "it will be reaped when it exits",
+            pid,
+            rank,
+            state,
+        )
+    return [int(rank) for rank in killed], [int(rank) for rank, _pid, _state in unreaped]
 
 
 def _collect_group(group: Any) -> None:
@@ -197,22 +238,31 @@ def _collect_group(group: Any) -> None:
             ResourceWarning,
             stacklevel=2,
         )
-    group.stop(_SHUTDOWN_GRACE)
+    _stop_group(group, _SHUTDOWN_GRACE)
 
 
 _live_runs: "weakref.WeakSet[_Run]" = weakref.WeakSet()
 
 
 def _at_exit() -> None:
-    # As multiprocessing does at exit: daemonic children are terminated, the others joined.
-    for run in list(_live_runs):
+    """At interpreter exit, as multiprocessing does: daemonic children are stopped (SIGTERM,
+    ``_SHUTDOWN_GRACE`` s, SIGKILL; see :meth:`_Run.stop` for the bound), the others
+    joined for as long as they run. A Ctrl-C (or any exception) while joining stops every
+    run left, as a Ctrl-C in ``join()`` does (SIGINT first), and propagates."""
+    runs = list(_live_runs)
+    for index, run in enumerate(runs):
         try:
             if run.daemon:
                 run.stop(_SHUTDOWN_GRACE)
             else:
                 run.wait_all(None)
-        except BaseException:  # Ctrl-C while waiting at exit: stop them all
-            run.stop(0.0)
+        except BaseException:
+            grace = _SHUTDOWN_GRACE
+            for left in runs[index:]:
+                try:
+                    left.stop(grace, signal.SIGINT)
+                except BaseException:  # another Ctrl-C: kill the rest at once
+                    grace = 0.0
             raise
 
 
@@ -299,9 +349,14 @@ class ProcessContext:
         """What ``fn`` returned in child ``index`` (started with ``return_values``).
 
         Raises LookupError when that child has not returned a value (still running,
-        failed, or not asked to send one).
+        failed, or not asked to send one), RuntimeError naming the child and the error
+        when its value cannot be unpickled here.
         """
         record = self._record(index)
+        if record is not None and record.kind == "unreadable":
+            raise RuntimeError(
+                f"the return value of process {index} could not be unpickled in the parent: {record.traceback}"
+            ) from record.exception
         if record is None or record.kind != "return":
             raise LookupError(f"process {index} has not returned a value")
         return record.value
@@ -332,6 +387,13 @@ class ProcessContext:
         passed first. When a child fails, the others get ``grace_period`` seconds to
         exit, then SIGTERM, then (after another grace period, 30 s by default) SIGKILL,
         and the failure is raised as ProcessRaisedException or ProcessExitedException.
+        That stop is bounded (:meth:`_Run.stop`): a child that cannot die even of SIGKILL
+        (frozen, stuck in the kernel) delays the raise by at most ``_core.KILL_WAIT``
+        seconds, is logged, and is reaped by the engine whenever it exits. A Ctrl-C
+        while waiting sends the children SIGINT, stops them the same way, and propagates.
+        A child whose exit status someone else collected (SIGCHLD ignored) is judged by
+        the exit record it wrote; without one its exit code is an
+        :class:`~fastspawn.UnknownExitStatus` and it counts as failed.
         """
         if not self._unjoined:
             return True
@@ -366,22 +428,20 @@ class ProcessContext:
         self._raise_failure(run, error_index)
 
     def _shut_down(self, run: _Run, grace_period: Optional[float]) -> None:
+        """After a child failed: ``grace_period`` s for the others to end by themselves,
+        then :meth:`_Run.stop` with SIGTERM and a grace of ``grace_period`` (30 s by
+        default), logging what torch logs. Bounded: ``2 * grace_period + KILL_WAIT``."""
         run.group.begin_stop()  # what the children started goes with them
         if grace_period is not None:
             run.wait_all(grace_period)
         for process in self.processes:
             if process.is_alive():
                 log.warning("Terminating process %s via signal SIGTERM", process.pid)
-                process.terminate()
-        run.wait_all(30 if grace_period is None else grace_period)
-        for process in self.processes:
-            if process.is_alive():
-                log.warning(
-                    "Unable to shutdown process %s via SIGTERM , forcefully exiting via SIGKILL",
-                    process.pid,
-                )
-                run.group.send_signal(process._rank, signal.SIGKILL, True)
-        run.stop(0.0)  # reaps everything; SIGKILLs what the children left behind
+        for rank in run.stop(30 if grace_period is None else grace_period):
+            log.warning(
+                "Unable to shutdown process %s via SIGTERM , forcefully exiting via SIGKILL",
+                self.processes[rank].pid,
+            )
 
     def _raise_failure(self, run: _Run, error_index: int) -> None:
         pid = self.processes[error_index].pid
@@ -392,6 +452,13 @@ class ProcessContext:
             raise ProcessRaisedException(msg, error_index, pid) from record.exception
         exitcode = run.exitcodes[error_index]
         assert exitcode is not None
+        if isinstance(exitcode, UnknownExitStatus):
+            raise ProcessExitedException(
+                f"process {error_index:d} ended, but {UNKNOWN_STATUS_TEXT}",
+                error_index=error_index,
+                error_pid=pid,
+                exit_code=exitcode,
+            )
         if exitcode < 0:
             try:
                 name = signal.Signals(-exitcode).name
@@ -539,7 +606,9 @@ def launch(
     environment for rank i before the child loads anything; ``stdio[i]`` is a
     ``(stdout_fd, stderr_fd)`` pair of the caller's fds (or None) that become rank i's
     fds 1 and 2; with ``return_values``, :meth:`ProcessContext.return_value` gives what
-    ``fn`` returned in each rank.
+    ``fn`` returned in each rank, and a rank that ends by KeyboardInterrupt owes one: it
+    reports the traceback and dies by SIGINT (a failure), where torch's children end
+    quietly with exit code 0 (as they still do without ``return_values``).
     """
     if start_method is None:  # as multiprocessing.get_context(None): the default method
         start_method = multiprocessing.get_start_method()
@@ -613,17 +682,13 @@ def _tracker_fd() -> int:
     """multiprocessing's resource tracker fd for the children, started if need be.
 
     ``resource_tracker.getfd()`` probes the tracker by writing to it, which wakes that
-    process on every call; when the tracker is our own child, asking the kernel whether
-    it is still running is enough.
+    process on every call; when the tracker is our own child, asking the engine whether
+    it is still running is enough (it never reaps it: multiprocessing does).
     """
     tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
     fd, pid = tracker._fd, tracker._pid
-    if fd is not None and pid is not None:
-        try:
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                return int(fd)
-        except ChildProcessError:
-            pass  # gone and reaped elsewhere: let multiprocessing restart it
+    if fd is not None and pid is not None and _core.child_running(pid):
+        return int(fd)
     return int(resource_tracker.getfd())
 
 
@@ -670,9 +735,10 @@ def _launch(
         )
         for i, (name, identity) in enumerate(_process_names(start_method, nprocs))
     ]
-    if start_method == "fork":
-        run = _Run(nprocs, daemon)
-        try:
+    run: Optional[_Run] = None
+    try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
+        if start_method == "fork":
+            run = _Run(nprocs, daemon)
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
                 if pid == 0:
@@ -683,37 +749,33 @@ def _launch(
                         return fn, args
 
                     _child.run_forked(spec, load, control_fd, result_fd)
-        except BaseException:
-            run.stop(0.0)
-            raise
-    else:
-        plain = _payload.is_plain(fn, args)
-        payload, pass_fds = _payload.dumps_call(fn, args, plain)
-        preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
-        tracker_fd = _tracker_fd() if nprocs else None
-        run = None
-        if nprocs and use_zygote:
-            zygote = _zygotes.get(preparation)
-            if zygote is not None:
-                run = _Run(nprocs, daemon)
-                module = getattr(fn, "__module__", None)
-                try:
+        else:
+            plain = _payload.is_plain(fn, args)
+            payload, pass_fds = _payload.dumps_call(fn, args, plain)
+            preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
+            tracker_fd = _tracker_fd() if nprocs else None
+            if nprocs and use_zygote:
+                zygote = _zygotes.get(preparation)
+                if zygote is not None:
+                    run = _Run(nprocs, daemon)
+                    module = getattr(fn, "__module__", None)
                     reason = zygote.spawn(
                         run.group, specs, payload, pass_fds, tracker_fd,
                         None if module == "__main__" else module, os.getpid(),
                         envs, stdio.pairs, plain=plain,
                     )
-                except BaseException:
-                    run.stop(0.0)
-                    raise
-                if reason is not None:
-                    _zygotes.fallback_warning(zygote.key, reason)
-                    run = None
-        if run is None:
-            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
-    log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
-    processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
-    return ProcessContext(processes, [None] * nprocs)
+                    if reason is not None:
+                        _zygotes.fallback_warning(zygote.key, reason)
+                        run = None
+            if run is None:
+                run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
+        log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
+        processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
+        return ProcessContext(processes, [None] * nprocs)
+    except BaseException:
+        if run is not None:
+            run.stop(0.0)
+        raise
 
 
 def start_processes(

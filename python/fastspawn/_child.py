@@ -16,8 +16,9 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
+import signal
 import sys
-from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import _payload
 
@@ -41,11 +42,19 @@ class ChildSpec(NamedTuple):
     return_value: bool = False  # send fn's return value back on the result pipe
 
 
+# Set when the call ended by KeyboardInterrupt in a call that owes a return value: the
+# rank then ends as an interpreter does after an uncaught Ctrl-C, killed by SIGINT.
+_interrupted = False
+
+
 def _call(
     fn: Callable[..., Any], i: int, args: Sequence[Any], result_fd: int, send_return: bool, stdin: Any = None
 ) -> None:
     # torch semantics: Ctrl-C ends a child quietly; an Exception is reported with its
     # traceback and exit code 1; SystemExit and other BaseExceptions go to multiprocessing.
+    # A call that owes a return value (fastspawn.run, fastspawn.elastic) cannot end quietly
+    # without one: there Ctrl-C is reported (traceback record) and kills the rank by SIGINT.
+    global _interrupted
     if stdin is not None:
         sys.stdin = stdin
     try:
@@ -53,8 +62,12 @@ def _call(
             _send_return(result_fd, fn(i, *args))
         else:  # the next line shows in tracebacks as is, like torch's
             fn(i, *args)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        if send_return:
+            import traceback
+
+            _payload.write_all(result_fd, _payload.encode_error(traceback.format_exc(), exc))
+            _interrupted = True
     except Exception as exc:
         import traceback
 
@@ -120,10 +133,31 @@ def _report_setup_failure(result_fd: int, exc: BaseException) -> None:
 
 def adopt_inherited(spec: ChildSpec) -> None:
     """Where the parent's fds for pickled objects landed, and multiprocessing's resource
-    tracker, as a spawned child sets them up before unpickling."""
+    tracker (kept from the rank's own children), as a spawned child sets them up before
+    unpickling."""
     _payload.set_inherited_fds(spec.fds)
     if spec.tracker_fd is not None:
+        os.set_inheritable(spec.tracker_fd, False)
         multiprocessing.resource_tracker._resource_tracker._fd = spec.tracker_fd  # type: ignore[attr-defined]
+
+
+def _keep_to_ourselves(*fds: Optional[int]) -> None:
+    """The rank's own channels are close-on-exec: a program it runs (``os.system``,
+    ``subprocess`` with ``close_fds=False``) gets only fds 0-2 and what the user passes."""
+    for fd in fds:
+        if fd is not None:
+            os.set_inheritable(fd, False)
+
+
+def _end(result_fd: int, code: int) -> NoReturn:
+    """The last steps of a forked rank: the exit record, then ``os._exit(code)`` (or death
+    by SIGINT after an interrupted call that owed a value, as an interpreter ends)."""
+    _payload.write_exit(result_fd, -signal.SIGINT if _interrupted else code)
+    if _interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code)
 
 
 def loads_call(payload: bytes) -> Call:
@@ -184,12 +218,13 @@ def run_forked(
     multiprocessing's fork children, without them. ``process``, ``stdin``: see
     :func:`_bootstrap`.
     """
+    _keep_to_ourselves(control_fd, result_fd, spec.tracker_fd)
     code = 1
     try:
         call = load()
     except BaseException as exc:  # could not even get the call: say why, then exit
         _report_setup_failure(result_fd, exc)
-        os._exit(code)
+        _end(result_fd, code)
     try:
         code = _bootstrap(spec, call, control_fd, result_fd, process, stdin)
         if run_atexit:
@@ -203,12 +238,13 @@ def run_forked(
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
-            os._exit(code)
+            _end(result_fd, code)
 
 
 def main() -> None:
     """Entry point of a fresh child: ``python -c BOOTSTRAP CONTROL_FD RESULT_FD OWNER``."""
     control_fd, result_fd, owner = (int(a) for a in sys.argv[-3:])
+    _keep_to_ourselves(control_fd, result_fd)
     from . import _core
 
     if not _core.arm_parent_death(owner):
@@ -233,5 +269,10 @@ def main() -> None:
     except BaseException as exc:
         _report_setup_failure(result_fd, exc)
         sys.stderr.flush()
-        os._exit(1)
-    sys.exit(_bootstrap(spec, call, control_fd, result_fd))
+        _end(result_fd, 1)
+    code = _bootstrap(spec, call, control_fd, result_fd)
+    _payload.write_exit(result_fd, -signal.SIGINT if _interrupted else code)
+    if _interrupted:  # the interpreter itself ends by SIGINT, after its usual shutdown
+        sys.excepthook = lambda *exc_info: None  # the traceback went to the parent
+        raise KeyboardInterrupt
+    sys.exit(code)

@@ -501,10 +501,7 @@ def run_rank(kind: str, name: str, args: Sequence[str]) -> None:
     except BaseException as exc:
         _report_script_error(exc)
         if isinstance(exc, KeyboardInterrupt):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+            raise  # fastspawn's rank code then ends the rank by SIGINT, as an interpreter ends
         raise SystemExit(1) from None
 
 
@@ -697,7 +694,8 @@ class AgentStore:
         """Start the helper on the listening socket and wait until it serves; False (after
         a warning) if it failed, and then nobody listens on the port any more."""
         import logging
-        from multiprocessing import Pipe, connection
+        import time
+        from multiprocessing import Pipe
 
         from ._api import launch
 
@@ -709,11 +707,23 @@ class AgentStore:
         finally:
             self._close_listener()  # the helper holds it now: should it die, the port closes
             writer.close()
+        run = context._run  # noqa: SLF001
+        assert run is not None
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        os.set_blocking(reader.fileno(), False)  # the engine's wait tells when to read
         try:
-            ready = connection.wait([reader, context.processes[0].sentinel], self.READY_TIMEOUT)
-            if reader in ready and reader.recv_bytes() == b"ready":
-                return True
-        except EOFError:
+            while True:
+                try:
+                    if reader.recv_bytes() == b"ready":
+                        return True
+                    break
+                except BlockingIOError:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0 or run.exitcodes[0] is not None:
+                    break
+                run.wait_any(left, watch=[reader.fileno()])
+        except (EOFError, OSError):
             pass
         finally:
             reader.close()
@@ -848,13 +858,15 @@ def run(plan: Plan) -> int:
 
 
 def _stop(context: object, grace: float, interrupted: type) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` s; another signal meanwhile kills at once."""
+    """Close the context: SIGTERM, SIGKILL after ``grace`` s (then at most KILL_WAIT s for
+    the ranks to die). A signal meanwhile cuts the grace short (the ranks get SIGKILL at
+    once); further signals are then ignored while the logs are written out."""
     try:
         context.close(death_sig=signal.SIGTERM, timeout=grace)  # type: ignore[attr-defined]
     except interrupted:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        context.close(death_sig=signal.SIGKILL, timeout=5)  # type: ignore[attr-defined]
+        context.close(death_sig=signal.SIGKILL, timeout=0)  # type: ignore[attr-defined]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -52,10 +52,10 @@ class ErrorHandler:
             warnings.warn(f"Unable to enable fault handler. {type(exc).__name__}: {exc}", stacklevel=2)
 
     def _write_error_file(self, file_path: str, error_msg: str) -> None:
-        """Write ``error_msg`` to ``file_path``; warn (do not raise) when that fails."""
+        """Write ``error_msg`` to ``file_path`` (atomically, see :func:`write_atomically`);
+        warn (do not raise) when that fails."""
         try:
-            with open(file_path, "w") as out:
-                out.write(error_msg)
+            write_atomically(file_path, error_msg)
         except Exception as exc:
             warnings.warn(f"Unable to write error to file. {type(exc).__name__}: {exc}", stacklevel=2)
 
@@ -78,8 +78,7 @@ class ErrorHandler:
                 },
             }
         }
-        with open(path, "w") as out:
-            json.dump(data, out)
+        write_atomically(path, json.dumps(data))
 
     def override_error_code_in_rootcause_data(
         self,
@@ -148,6 +147,24 @@ class ErrorHandler:
                     original,
                 )
         os.remove(my_error_file)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory renamed
+    over it: a reader (the launcher) finds no file, an earlier one, or the whole new one,
+    never part of it, even when the writer is killed midway."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def get_error_handler() -> ErrorHandler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-__all__ = ["ProcessException", "ProcessRaisedException", "ProcessExitedException"]
+__all__ = ["ProcessException", "ProcessRaisedException", "ProcessExitedException", "UnknownExitStatus"]
 
 
 class ProcessException(Exception):
@@ -53,3 +53,27 @@ class ProcessExitedException(ProcessException):
             type(self),
             (self.msg, self.error_index, self.error_pid, self.exit_code, self.signal_name),
         )
+
+
+class UnknownExitStatus(int):
+    """The exit code of a child whose exit status was collected by another process (the
+    parent ignores SIGCHLD, or runs a ``waitpid(-1)`` loop) and that did not report one
+    itself: it ended, but how is unknown. A failure: it is an int equal to 1 (the generic
+    failure status), so ``exitcode != 0`` holds, and messages say what happened."""
+
+    def __new__(cls) -> "UnknownExitStatus":
+        return super().__new__(cls, 1)
+
+    def __getnewargs__(self) -> Tuple[()]:  # type: ignore[override]
+        return ()
+
+    def __repr__(self) -> str:
+        return "UnknownExitStatus()"
+
+    __str__ = __repr__
+
+
+UNKNOWN_STATUS_TEXT = (
+    "its exit status was collected by another process (SIGCHLD ignored, or a waitpid(-1) "
+    "loop) and it reported none"
+)

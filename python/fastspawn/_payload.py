@@ -177,9 +177,13 @@ def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[s
 
 
 # ----------------------------------------------------------------- result records
+# A rank's result pipe carries framed records, each a pickled ``(kind, text, data)``:
+# at most one "return" (data: the pickled value) or "error" (text: the traceback, data: the
+# pickled exception), then, as the rank's very last write, one "exit" (data: its exit code).
 class Record(NamedTuple):
     """What a child reported: ``kind`` "error" carries the traceback and the exception,
-    ``kind`` "return" the function's return value."""
+    ``kind`` "return" the function's return value; ``kind`` "unreadable" is a return value
+    the parent could not unpickle (``exception``: why, ``traceback``: its text)."""
 
     kind: str
     traceback: str
@@ -204,32 +208,73 @@ def encode_return(value: Any) -> bytes:
     return frame(pickle.dumps(("return", "", data), pickle.HIGHEST_PROTOCOL))
 
 
-def decode(output: bytes) -> Optional[Record]:
-    """The record in a child's output, or None if it sent none (or only part of one)."""
-    if len(output) < _LEN.size:
-        return None
-    (size,) = _LEN.unpack_from(output)
-    if len(output) < _LEN.size + size:
-        return None
-    try:
-        kind, text, exc_bytes = pickle.loads(output[_LEN.size : _LEN.size + size])
-        if kind == "return":
-            return Record(kind, text, None, pickle.loads(exc_bytes))
-    except Exception:
-        return None
-    exc: Optional[BaseException] = None
-    if exc_bytes is not None:
+def encode_exit(code: int) -> bytes:
+    """A rank's last record: the status it exits with (what the parent goes by when
+    someone else collected the real one). Small enough for one atomic pipe write."""
+    return frame(pickle.dumps(("exit", "", code), pickle.HIGHEST_PROTOCOL))
+
+
+def _frames(output: bytes) -> List[Tuple[str, str, Any]]:
+    """The whole records in ``output`` (a cut or garbled one ends the list)."""
+    records = []
+    offset = 0
+    while len(output) - offset >= _LEN.size:
+        (size,) = _LEN.unpack_from(output, offset)
+        start = offset + _LEN.size
+        if len(output) - start < size:
+            break
         try:
-            exc = pickle.loads(exc_bytes)
+            kind, text, data = pickle.loads(output[start : start + size])
         except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        exc = None
-    return Record(kind, text, exc)
+            break
+        records.append((str(kind), text, data))
+        offset = start + size
+    return records
+
+
+def decode(output: bytes) -> Optional[Record]:
+    """The return or error record in a child's output, or None if it sent none (or only
+    part of one)."""
+    for kind, text, data in _frames(output):
+        if kind == "exit":
+            continue
+        if kind == "return":
+            try:
+                return Record(kind, text, None, pickle.loads(data))
+            except Exception as why:
+                return Record("unreadable", f"{type(why).__name__}: {why}", why)
+        raised: Optional[BaseException] = None
+        if data is not None:
+            try:
+                raised = pickle.loads(data)
+            except Exception:
+                raised = None
+        if not isinstance(raised, BaseException):
+            raised = None
+        return Record(kind, text, raised)
+    return None
+
+
+def exit_status(output: bytes) -> Optional[int]:
+    """The exit code a child reported as its last record, None if it sent none."""
+    for kind, _text, data in reversed(_frames(output)):
+        if kind == "exit" and isinstance(data, int):
+            return data
+    return None
 
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PIPE_MAX = 1 << 20
+
+
+def write_exit(fd: int, code: int) -> None:
+    """Write the exit record in one non-blocking write; a full or closed pipe loses it
+    (the parent then has only the engine's word), but never holds the exit up."""
+    try:
+        os.set_blocking(fd, False)
+        os.write(fd, encode_exit(code))
+    except OSError:
+        pass
 
 
 def write_all(fd: int, data: bytes) -> None:

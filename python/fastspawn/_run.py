@@ -23,7 +23,9 @@ def run(
     ``results = fastspawn.run(square, 4)`` is ``[square(0), ..., square(3)]``, each
     computed in its own process. Return values travel back pickled. A failure is raised
     as by :func:`fastspawn.spawn` (ProcessRaisedException with the child's traceback, or
-    ProcessExitedException), after the other processes are stopped. ``envs[i]`` (str
+    ProcessExitedException), after the other processes are stopped; a rank ended by
+    KeyboardInterrupt is such a failure (its traceback, exit by SIGINT), and a value that
+    cannot be unpickled here raises RuntimeError naming the rank and why. ``envs[i]`` (str
     values) is laid over the environment of rank i before it runs anything;
     ``start_method`` and ``zygote`` are those of :func:`fastspawn.start_processes`.
     """

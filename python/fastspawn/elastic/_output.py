@@ -1,9 +1,10 @@
 """Where each rank's stdout and stderr go: the console, a file, or both (tee).
 
 A stream that is only redirected gets the file itself as the child's fd 1/2. A teed stream
-gets a pipe instead; one thread per context reads every teed pipe, writes the bytes as they
-come to the log file, and writes each *whole* line, prefixed with the rank's header, to the
-console in a single write under a lock shared by all contexts. So a console line never
+gets a pipe instead; one thread per context reads every teed pipe (it waits in the engine's
+wait, watching the pipes: no second event loop), writes the bytes as they come to the log
+file, and writes each *whole* line, prefixed with the rank's header, to the console in a
+single write under a lock shared by all contexts. So a console line never
 holds bytes of two ranks, and no line is cut where a child happened to flush.
 """
 
@@ -13,11 +14,10 @@ import codecs
 import io
 import logging
 import os
-import selectors
 import signal
 import threading
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Set, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +172,15 @@ class RankStreams:
         self._tees.append(_Tee(read_fd, log_fd, self.consoles[kind], self.headers[rank], self.filters[kind]))
         return write_fd
 
-    def launched(self) -> None:
-        """The children hold their ends now: drop ours and start reading the teed pipes."""
+    def launched(self, group: Any) -> None:
+        """The children hold their ends now: drop ours and start reading the teed pipes
+        (``group``: the engine group of the ranks, whose wait watches the pipes)."""
         self._close_child_fds()
         if self._tees and self._thread is None:
             wake_read, self._wake_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._release_wake = weakref.finalize(self, os.close, self._wake_fd)
             self._thread = threading.Thread(
-                target=self._read_all, args=(wake_read,), name=f"fastspawn-elastic-{self.name}", daemon=True
+                target=self._read_all, args=(wake_read, group), name=f"fastspawn-elastic-{self.name}", daemon=True
             )
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
             try:
@@ -192,26 +193,24 @@ class RankStreams:
         for fd in fds:
             os.close(fd)
 
-    def _read_all(self, wake_fd: int) -> None:
+    def _read_all(self, wake_fd: int, group: Any) -> None:
         """The reader thread: until every pipe ends, or a wake-up (then it drains them).
-        It closes each pipe and log file it is done with, and its end of the wake pipe."""
+        It waits in the engine (``group.wait`` watching the pipes and the wake pipe), which
+        also returns at each rank's exit. It closes each pipe and log file it is done
+        with, and its end of the wake pipe."""
         live = {tee.fd: tee for tee in self._tees}
+        known = 0
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(wake_fd, selectors.EVENT_READ)
-                for fd in live:
-                    selector.register(fd, selectors.EVENT_READ)
-                while live:
-                    for key, _ in selector.select():
-                        if key.fd == wake_fd:  # stop: take what is there, then finish
-                            for tee in live.values():
-                                _drain(tee)
-                            return
-                        tee = live[key.fd]
-                        if not _read_once(tee):
-                            selector.unregister(key.fd)
-                            del live[key.fd]
-                            tee.close()
+            while live:
+                known += len(group.wait(None, False, known, watch=[wake_fd, *live]))
+                if _woken(wake_fd):  # stop: take what is there, then finish
+                    for tee in live.values():
+                        _drain(tee)
+                    return
+                for fd, tee in list(live.items()):
+                    if not _read_once(tee):
+                        del live[fd]
+                        tee.close()
         finally:
             for tee in live.values():
                 tee.close()
@@ -239,6 +238,13 @@ class RankStreams:
         tees, self._tees = self._tees, []
         for tee in tees:  # those no reader took (start failed), else already closed
             tee.close()
+
+
+def _woken(wake_fd: int) -> bool:
+    try:
+        return bool(os.read(wake_fd, 1))
+    except BlockingIOError:
+        return False
 
 
 def _read_once(tee: _Tee) -> bool:

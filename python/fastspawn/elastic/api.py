@@ -23,7 +23,7 @@ from enum import IntFlag
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Set, TextIO, Union
 
-from .. import _api
+from .. import _api, _core
 from .._elastic_child import RankCall
 from . import _output
 from .errors import ProcessFailure
@@ -413,7 +413,7 @@ class PContext(abc.ABC):
         except BaseException:
             self._streams.close()
             raise
-        self._streams.launched()
+        self._streams.launched(self._pc._run.group)
 
     _twice_message = "The process context already initialized. Most likely the start method got called twice."
 
@@ -503,13 +503,17 @@ class PContext(abc.ABC):
         """The processes' pids by local rank."""
 
     # ------------------------------------------------------------------ closing
-    def close(self, death_sig: Optional[signal.Signals] = None, timeout: int = 30) -> None:
+    def close(self, death_sig: Optional[signal.Signals] = None, timeout: float = 30) -> None:
         """Stop every process still running and release the logs.
 
         ``death_sig`` (default SIGTERM) first, then SIGKILL to those still alive after
-        ``timeout`` seconds. A process that does not even die of SIGKILL within another
-        ``timeout`` (stuck in the kernel) is logged and abandoned: close never hangs.
-        Teed output written before is on the console when close returns.
+        ``timeout`` seconds, then at most ``fastspawn._core.KILL_WAIT`` seconds more for
+        them to die: close returns within ``timeout + KILL_WAIT`` seconds (plus the time to
+        write out teed output). A process that does not even die of SIGKILL (stuck in the
+        kernel) is logged and left to fastspawn's reaper. Unlike torch, a program's
+        ``death_sig`` reaches the program itself; what it started in its process group
+        gets SIGKILL once it has exited. Teed output written before is on the console when
+        close returns.
         """
         self._close(death_sig=signal.Signals(death_sig or signal.SIGTERM), timeout=timeout)
         self._streams.close()
@@ -517,45 +521,39 @@ class PContext(abc.ABC):
             if filtered is not None:
                 filtered.close()
 
-    # Log text when sending the death signal; whether it goes to the whole process group.
+    # Log text when sending the death signal.
     _closing_message = "Closing process %s via signal %s"
-    _signal_group = False
 
     def _close(self, death_sig: signal.Signals, timeout: float = 30) -> None:
         pc = self._pc
         if pc is None:
             return
         run = pc._run
+        assert run is not None
         run.poll()
-        run.group.begin_stop()  # what a rank started dies with it
         for rank, code in enumerate(run.exitcodes):
             if code is None:
                 logger.warning(
                     self._closing_message, run.group.pid(rank), death_sig.name, extra={RANK_REPORT: True}
                 )
-                run.group.send_signal(rank, death_sig, self._signal_group)
                 self._signalled.add(rank)
-        run.wait_all(max(0.0, timeout))
-        stubborn = [rank for rank, code in enumerate(run.exitcodes) if code is None]
-        for rank in stubborn:
+        killed = run.stop(max(0.0, timeout), death_sig)
+        for rank in killed:
             logger.warning(
                 "Unable to shutdown process %s via %s, forcefully exiting via %s",
                 run.group.pid(rank),
                 death_sig,
                 signal.SIGKILL,
             )
-            run.group.send_signal(rank, signal.SIGKILL, True)
-        if stubborn:
-            run.wait_all(max(0.0, timeout))
-        for rank in stubborn:
-            if run.exitcodes[rank] is None:
+        for rank in killed:
+            if rank in run.abandoned:
                 logger.error(
                     "Process %s did not exit after %s within %ss; abandoning and continuing teardown."
                     " Worker may be in uninterruptible kernel sleep (e.g. wedged on GPU/NIC);"
                     " host may need to be recycled.",
                     run.group.pid(rank),
                     signal.SIGKILL.name,
-                    timeout,
+                    _core.KILL_WAIT,
                 )
 
 
@@ -643,7 +641,6 @@ class SubprocessContext(_Ranks):
 
     _twice_message = "The subprocess handlers already initialized. Most likely the start method got called twice."
     _closing_message = "Sending process %s closing signal %s"
-    _signal_group = True
 
     def _launch(self, stdio: List[_output.StdioPair]) -> _api.ProcessContext:
         argvs = [[str(self.entrypoint), *(str(a) for a in self.args[rank])] for rank in range(self.nprocs)]

@@ -30,6 +30,7 @@ from ..._elastic_child import (
     get_error_handler,
     record,
 )
+from ..._errors import UNKNOWN_STATUS_TEXT, UnknownExitStatus
 
 __all__ = ["ProcessFailure", "ChildFailedError", "record", "ErrorHandler", "get_error_handler"]
 
@@ -75,7 +76,9 @@ class ProcessFailure:
             self.timestamp = int(time.time())
         if self.message:
             return
-        if self.exitcode < 0:  # killed by a signal: nobody wrote anything
+        if isinstance(self.exitcode, UnknownExitStatus):
+            self.message = f"Process {self.pid} ended, but {UNKNOWN_STATUS_TEXT}"
+        elif self.exitcode < 0:  # killed by a signal: nobody wrote anything
             self.message = f"Signal {-self.exitcode} ({self.signal_name()}) received by PID {self.pid}"
         else:
             # a copy: the shared "no data" default must stay as it is
