@@ -13,11 +13,15 @@ from typing import Any
 import pytest
 from _plugin_recorder import recorded, still_running
 from _testing_freezer import freezer_cgroup  # noqa: F401  (a fixture)
+from _testing_stacks import DEPTH, THREADS
 
 pytest_plugins = ["pytester"]
 
 # The inner suites import it as "recorder": ranks record facts as JSON files.
 RECORDER = (Path(__file__).parent / "_plugin_recorder.py").read_text()
+# ... and these as "stacks" (a big stack dump) and "freezer" (a rank that cannot die).
+STACKS = (Path(__file__).parent / "_testing_stacks.py").read_text()
+FREEZER = (Path(__file__).parent / "_testing_freezer.py").read_text()
 
 # The inner sessions run as strictly as this project's own.
 INNER_INI = """
@@ -310,6 +314,29 @@ def test_timeout_reports_every_rank_stack_and_kills_everything(suite: pytest.Pyt
     assert still_running([data["pid"] for data in seen.values()]) == []  # the grandchild too
 
 
+BIG_DUMP = """
+import threading
+import pytest
+from stacks import start_deep_threads
+
+@pytest.mark.spawn(nprocs=1, timeout=1)
+def test_big_dump(rank):
+    start_deep_threads()
+    threading.Event().wait()
+"""
+
+
+def test_a_big_stack_dump_arrives_whole(suite: pytest.Pytester) -> None:
+    # THREADS threads DEPTH frames deep: about 600 KiB of stacks at SIGTERM, all in the report,
+    # down to the test's own frame in the main thread, which faulthandler writes last.
+    suite.makepyfile(test_big_dump=BIG_DUMP, stacks=STACKS)
+    result = run(suite)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert out.count("in descend_to_fill_a_stack_dump_with_long_lines") == THREADS * DEPTH
+    assert out.rindex("in test_big_dump") > out.rindex("in descend_to_fill_a_stack_dump_with_long_lines")
+
+
 # -------------------------------------------------------------- a rank that cannot die
 # Rank 0 freezes rank 1 (cgroup freezer): at the timeout rank 1 neither dumps its stacks
 # nor dies of SIGKILL. The fixture, in the pytest process, thaws it after the test.
@@ -352,7 +379,7 @@ def test_a_rank_that_cannot_die_fails_the_test_within_the_stop_bounds(
     from fastspawn.pytest_plugin import _STOP_GRACE_SECONDS
 
     monkeypatch.setenv("FREEZER_CGROUP", freezer_cgroup)
-    suite.makepyfile(test_frozen=FROZEN, freezer=(Path(__file__).parent / "_testing_freezer.py").read_text())
+    suite.makepyfile(test_frozen=FROZEN, freezer=FREEZER)
     bound = 3 + _STOP_GRACE_SECONDS + _core.KILL_WAIT
     # With an unbounded wait on the frozen rank the session never ends (this test's
     # fixture thaws it afterwards).

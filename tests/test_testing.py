@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from _no_torch import env_without_torch
 from _testing_freezer import freezer_cgroup  # noqa: F401  (a fixture)
+from _testing_stacks import DEPTH, THREADS
 
 # A torch-style distributed test class, as found in torch's own test suite; only the
 # line BASE_IMPORT differs between the two copies that are run. The module logs the pid
@@ -71,6 +72,10 @@ class AllReduceTest(MultiProcessTestCase):
             self.assertEqual(tensor.item(), 5.0)
 """
 
+# Helpers the inner suites import: a big stack dump, a rank that cannot die.
+STACKS = (Path(__file__).parent / "_testing_stacks.py").read_text()
+FREEZER = (Path(__file__).parent / "_testing_freezer.py").read_text()
+
 TORCH_BASE = "from torch.testing._internal.common_distributed import MultiProcessTestCase"
 FASTSPAWN_BASE = "from fastspawn.testing import MultiProcessTestCase"
 
@@ -90,6 +95,7 @@ import unittest
 
 import fastspawn.testing
 from fastspawn.testing import TEST_SKIPS, MultiProcessTestCase
+from stacks import start_deep_threads
 
 fastspawn.testing.TIMEOUT_OVERRIDE["test_timeout"] = 1
 fastspawn.testing.TIMEOUT_OVERRIDE["test_big_stack_dump"] = 1
@@ -109,14 +115,6 @@ def hang_here():
 def crash_here():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
     os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def descend_to_fill_a_stack_dump_with_long_lines(depth, ready):
-    if depth > 1:
-        descend_to_fill_a_stack_dump_with_long_lines(depth - 1, ready)
-    else:
-        ready.release()
-        threading.Event().wait()
 
 
 def wait_for(path, deadline=60.0):
@@ -184,20 +182,11 @@ class Ranks(MultiProcessTestCase):
         hang_here()
 
     def test_big_stack_dump(self):
-        # Rank 0's stacks at the timeout: BIG_DUMP threads BIG_DUMP_DEPTH frames deep
-        # (faulthandler shows at most 100 threads of 100 frames), far over a pipe's 64 KiB.
+        # Rank 0's stacks at the timeout: far over a pipe's 64 KiB.
         if self.rank == 0:
-            ready = threading.Semaphore(0)
-            for _ in range(BIG_DUMP):
-                threading.Thread(target=descend_to_fill_a_stack_dump_with_long_lines,
-                                 args=(BIG_DUMP_DEPTH, ready), daemon=True).start()
-            for _ in range(BIG_DUMP):
-                assert ready.acquire(timeout=60)
+            start_deep_threads()
         log("bigdump", rank=self.rank)
         hang_here()
-
-
-BIG_DUMP, BIG_DUMP_DEPTH = 60, 90
 
 
 class ForkedRanks(MultiProcessTestCase):
@@ -301,6 +290,7 @@ def behaviours(tmp_path_factory):
     """The BEHAVIOURS module run once, with torch hidden: (outcomes, rank log)."""
     directory = tmp_path_factory.mktemp("behaviours")
     (directory / "test_behaviours.py").write_text(BEHAVIOURS)
+    (directory / "stacks.py").write_text(STACKS)
     rank_log = directory / "ranks.log"
     outcomes = run_pytest(directory, {**env_without_torch(directory), "RANK_LOG": str(rank_log)})
     return outcomes, read_log(rank_log)
@@ -375,7 +365,7 @@ def test_timeout_shows_the_stacks_and_kills_what_ignores_sigterm(behaviours):
 
 
 def test_a_big_stack_dump_arrives_whole(behaviours):
-    # 60 threads 90 frames deep: about 600 KiB of stacks from rank 0 at SIGTERM, all of it
+    # THREADS threads DEPTH frames deep: about 600 KiB of stacks from rank 0 at SIGTERM, all of it
     # in the failure, down to the main thread's stack, which faulthandler writes last.
     result, text = outcome(behaviours, "test_big_stack_dump")
     assert result == "failed"
@@ -383,7 +373,7 @@ def test_a_big_stack_dump_arrives_whole(behaviours):
     # (the report's message attribute holds the failure's beginning; its body, all of it)
     rank0 = text.split("-- Process 0 was running at the timeout, in:")[-1].split("-- Process 1 was running")[0]
     assert len(rank0) > 4 * 65536
-    assert rank0.count("in descend_to_fill_a_stack_dump_with_long_lines") == 60 * 90
+    assert rank0.count("in descend_to_fill_a_stack_dump_with_long_lines") == THREADS * DEPTH
     assert "in hang_here" in rank0 and "in test_big_stack_dump" in rank0
 
 
@@ -447,7 +437,7 @@ def test_a_rank_that_cannot_die_fails_the_test_within_the_stop_bounds(tmp_path, 
     from fastspawn import _core
 
     (tmp_path / "test_frozen.py").write_text(FROZEN)
-    (tmp_path / "freezer.py").write_text((Path(__file__).parent / "_testing_freezer.py").read_text())
+    (tmp_path / "freezer.py").write_text(FREEZER)
     report = tmp_path / "report.json"
     env = {**env_without_torch(tmp_path), "FREEZER_CGROUP": freezer_cgroup, "REPORT": str(report)}
     timeout, grace = 1.0, 1.0
