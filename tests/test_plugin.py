@@ -12,11 +12,16 @@ from typing import Any
 
 import pytest
 from _plugin_recorder import recorded, still_running
+from _testing_freezer import freezer_cgroup  # noqa: F401  (a fixture)
+from _testing_stacks import DEPTH, THREADS
 
 pytest_plugins = ["pytester"]
 
 # The inner suites import it as "recorder": ranks record facts as JSON files.
 RECORDER = (Path(__file__).parent / "_plugin_recorder.py").read_text()
+# ... and these as "stacks" (a big stack dump) and "freezer" (a rank that cannot die).
+STACKS = (Path(__file__).parent / "_testing_stacks.py").read_text()
+FREEZER = (Path(__file__).parent / "_testing_freezer.py").read_text()
 
 # The inner sessions run as strictly as this project's own.
 INNER_INI = """
@@ -307,6 +312,94 @@ def test_timeout_reports_every_rank_stack_and_kills_everything(suite: pytest.Pyt
     assert "_child.py" not in result.stdout.str()
     seen = recorded()
     assert still_running([data["pid"] for data in seen.values()]) == []  # the grandchild too
+
+
+BIG_DUMP = """
+import threading
+import pytest
+from stacks import start_deep_threads
+
+@pytest.mark.spawn(nprocs=1, timeout=1)
+def test_big_dump(rank):
+    start_deep_threads()
+    threading.Event().wait()
+"""
+
+
+def test_a_big_stack_dump_arrives_whole(suite: pytest.Pytester) -> None:
+    # THREADS threads DEPTH frames deep: about 600 KiB of stacks at SIGTERM, all in the report,
+    # down to the test's own frame in the main thread, which faulthandler writes last.
+    suite.makepyfile(test_big_dump=BIG_DUMP, stacks=STACKS)
+    result = run(suite)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert out.count("in descend_to_fill_a_stack_dump_with_long_lines") == THREADS * DEPTH
+    assert out.rindex("in test_big_dump") > out.rindex("in descend_to_fill_a_stack_dump_with_long_lines")
+
+
+# -------------------------------------------------------------- a rank that cannot die
+# Rank 0 freezes rank 1 (cgroup freezer): at the timeout rank 1 neither dumps its stacks
+# nor dies of SIGKILL. The fixture, in the pytest process, thaws it after the test.
+FROZEN = """
+import os, threading, time
+import pytest
+import freezer
+from recorder import record, recorded
+
+@pytest.fixture
+def cgroup():
+    joined_at = time.monotonic()
+    yield os.environ["FREEZER_CGROUP"]
+    joined = time.monotonic() - joined_at
+    freezer.thaw(os.environ["FREEZER_CGROUP"])
+    pid = recorded()["frozen"]["pid"]
+    # Thawed, it dies of the pending SIGKILL; the engine's reaper reaps it.
+    record("after", joined=joined, reaped=freezer.gone(pid))
+
+@pytest.mark.spawn(nprocs=2, timeout=3)
+def test_frozen_rank(rank, cgroup):
+    record(f"rank-{rank}", pid=os.getpid())
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while "rank-1" not in recorded():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pid = recorded()["rank-1"]["pid"]
+        freezer.freeze(cgroup, pid)
+        record("frozen", pid=pid)
+    threading.Event().wait()
+""" + NOTHING_LEFT
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_that_cannot_die_fails_the_test_within_the_stop_bounds(
+    suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, freezer_cgroup: str
+) -> None:
+    from fastspawn import _core
+    from fastspawn.pytest_plugin import _STOP_GRACE_SECONDS
+
+    monkeypatch.setenv("FREEZER_CGROUP", freezer_cgroup)
+    suite.makepyfile(test_frozen=FROZEN, freezer=FREEZER)
+    bound = 3 + _STOP_GRACE_SECONDS + _core.KILL_WAIT
+    # With an unbounded wait on the frozen rank the session never ends (this test's
+    # fixture thaws it afterwards).
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--strict-markers", timeout=bound + 60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "spawn timeout: 2 of 2 rank(s) still running after 3 s; their stacks when it expired are below; "
+            "rank(s) 1 did not exit even after SIGKILL (frozen, or stuck in the kernel)",
+            "*- rank 1 of 2 (pid *) was stopped; its stack when the timeout expired -*",
+            "It did not exit even after SIGKILL (frozen, or stuck in the kernel): left running, "
+            "fastspawn reaps it when it exits.",
+            "(the rank dumped no stack)",
+        ]
+    )
+    seen = recorded()
+    assert seen["frozen"]["pid"] == seen["rank-1"]["pid"]
+    assert seen["after"]["joined"] < bound + 10  # the stop gave up on it within its bounds
+    assert seen["after"]["reaped"]  # once thawed: no zombie, nothing left
+    assert still_running([seen["rank-0"]["pid"], seen["rank-1"]["pid"]]) == []
 
 
 # -------------------------------------------------------------------------- errors

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 from _no_torch import env_without_torch
+from _testing_freezer import freezer_cgroup  # noqa: F401  (a fixture)
+from _testing_stacks import DEPTH, THREADS
 
 # A torch-style distributed test class, as found in torch's own test suite; only the
 # line BASE_IMPORT differs between the two copies that are run. The module logs the pid
@@ -70,6 +72,10 @@ class AllReduceTest(MultiProcessTestCase):
             self.assertEqual(tensor.item(), 5.0)
 """
 
+# Helpers the inner suites import: a big stack dump, a rank that cannot die.
+STACKS = (Path(__file__).parent / "_testing_stacks.py").read_text()
+FREEZER = (Path(__file__).parent / "_testing_freezer.py").read_text()
+
 TORCH_BASE = "from torch.testing._internal.common_distributed import MultiProcessTestCase"
 FASTSPAWN_BASE = "from fastspawn.testing import MultiProcessTestCase"
 
@@ -89,8 +95,10 @@ import unittest
 
 import fastspawn.testing
 from fastspawn.testing import TEST_SKIPS, MultiProcessTestCase
+from stacks import start_deep_threads
 
 fastspawn.testing.TIMEOUT_OVERRIDE["test_timeout"] = 1
+fastspawn.testing.TIMEOUT_OVERRIDE["test_big_stack_dump"] = 1
 
 
 def log(test, **facts):
@@ -173,6 +181,13 @@ class Ranks(MultiProcessTestCase):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         hang_here()
 
+    def test_big_stack_dump(self):
+        # Rank 0's stacks at the timeout: far over a pipe's 64 KiB.
+        if self.rank == 0:
+            start_deep_threads()
+        log("bigdump", rank=self.rank)
+        hang_here()
+
 
 class ForkedRanks(MultiProcessTestCase):
     @property
@@ -197,8 +212,11 @@ class UnknownStart(MultiProcessTestCase):
 """
 
 
-def run_pytest(directory: Path, env: Optional[Dict[str, str]] = None) -> Dict[str, Tuple[str, str]]:
-    """Run pytest on ``directory``; test name -> (outcome, message and details)."""
+def run_pytest(
+    directory: Path, env: Optional[Dict[str, str]] = None, timeout: float = 300
+) -> Dict[str, Tuple[str, str]]:
+    """Run pytest on ``directory`` (killed after ``timeout`` s: TimeoutExpired); test name
+    -> (outcome, message and details)."""
     report = directory / "report.xml"
     subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", str(directory)],
@@ -206,7 +224,7 @@ def run_pytest(directory: Path, env: Optional[Dict[str, str]] = None) -> Dict[st
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        timeout=300,
+        timeout=timeout,
     )
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -272,6 +290,7 @@ def behaviours(tmp_path_factory):
     """The BEHAVIOURS module run once, with torch hidden: (outcomes, rank log)."""
     directory = tmp_path_factory.mktemp("behaviours")
     (directory / "test_behaviours.py").write_text(BEHAVIOURS)
+    (directory / "stacks.py").write_text(STACKS)
     rank_log = directory / "ranks.log"
     outcomes = run_pytest(directory, {**env_without_torch(directory), "RANK_LOG": str(rank_log)})
     return outcomes, read_log(rank_log)
@@ -345,6 +364,19 @@ def test_timeout_shows_the_stacks_and_kills_what_ignores_sigterm(behaviours):
     assert len(ranks) == 2 and all(pid_gone(r["pid"]) for r in ranks)  # rank 1 needed SIGKILL
 
 
+def test_a_big_stack_dump_arrives_whole(behaviours):
+    # THREADS threads DEPTH frames deep: about 600 KiB of stacks from rank 0 at SIGTERM, all of it
+    # in the failure, down to the main thread's stack, which faulthandler writes last.
+    result, text = outcome(behaviours, "test_big_stack_dump")
+    assert result == "failed"
+    assert len(ranks_of(behaviours, "bigdump")) == 2
+    # (the report's message attribute holds the failure's beginning; its body, all of it)
+    rank0 = text.split("-- Process 0 was running at the timeout, in:")[-1].split("-- Process 1 was running")[0]
+    assert len(rank0) > 4 * 65536
+    assert rank0.count("in descend_to_fill_a_stack_dump_with_long_lines") == THREADS * DEPTH
+    assert "in hang_here" in rank0 and "in test_big_stack_dump" in rank0
+
+
 def test_start_processes_with_a_fork_context(behaviours):
     assert outcome(behaviours, "test_forked")[0] == "passed"
     ranks = ranks_of(behaviours, "fork")
@@ -356,6 +388,72 @@ def test_start_processes_rejects_what_is_not_a_start_method(behaviours):
     result, text = outcome(behaviours, "test_never_runs")
     assert result in ("failed", "error")
     assert "_start_processes takes a multiprocessing Process class" in text and "'threads'" in text
+
+
+# A rank that cannot die: rank 1 is frozen (cgroup freezer) right after the start, so it
+# neither dumps its stacks at SIGTERM nor dies of SIGKILL until it is thawed.
+FROZEN = """
+import json
+import os
+import threading
+import time
+
+import fastspawn.testing
+import freezer
+from fastspawn.testing import MultiProcessTestCase
+
+fastspawn.testing.TIMEOUT_OVERRIDE["test_frozen_rank"] = 1
+
+
+class Frozen(MultiProcessTestCase):
+    kill_grace_period = 1.0
+    world_size = 2  # a plain attribute does as well as torch-style properties
+
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+        self.frozen_pid = self.processes[1].pid
+        freezer.freeze(os.environ["FREEZER_CGROUP"], self.frozen_pid)
+        self.joined_at = time.monotonic()
+
+    def tearDown(self):
+        joined = time.monotonic() - self.joined_at  # the test: joining the ranks
+        try:
+            super().tearDown()
+        finally:
+            freezer.thaw(os.environ["FREEZER_CGROUP"])
+            # Thawed, it dies of the pending SIGKILL; the engine's reaper reaps it.
+            reaped = freezer.gone(self.frozen_pid)
+            with open(os.environ["REPORT"], "w") as f:
+                json.dump({"pid": self.frozen_pid, "joined": joined, "reaped": reaped}, f)
+
+    def test_frozen_rank(self):
+        threading.Event().wait()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_that_cannot_die_fails_the_test_within_the_stop_bounds(tmp_path, freezer_cgroup):
+    from fastspawn import _core
+
+    (tmp_path / "test_frozen.py").write_text(FROZEN)
+    (tmp_path / "freezer.py").write_text(FREEZER)
+    report = tmp_path / "report.json"
+    env = {**env_without_torch(tmp_path), "FREEZER_CGROUP": freezer_cgroup, "REPORT": str(report)}
+    timeout, grace = 1.0, 1.0
+    bound = timeout + grace + _core.KILL_WAIT
+    # The whole run (interpreter start, the zygote, tearDown, exit) fits well in it; with
+    # an unbounded wait on the frozen rank it never ends (the fixture thaws it then).
+    outcomes = run_pytest(tmp_path, env, timeout=bound + 60)
+
+    result, text = outcomes["test_frozen::test_frozen_rank"]
+    assert result == "failed"
+    facts = json.loads(report.read_text())
+    assert "Process 0 terminated or timed out after" in text
+    assert f"-- Process 1 (pid {facts['pid']}) did not exit even after SIGKILL (frozen, or stuck in the kernel)" in text
+    assert facts["joined"] < bound + 10  # the stop gave up on it within its bounds
+    assert facts["reaped"]  # once thawed: no zombie, nothing left
+    assert pid_gone(facts["pid"])
 
 
 def test_importing_it_does_not_import_torch():

@@ -7,13 +7,13 @@ preloaded by the plugin) before the test modules, and it must stay cheap.
   assertion rewriting, as the pytest process imported them, so ``assert a == b`` explains
   itself in a rank too. The modules to rewrite come from the session file named by
   ``FASTSPAWN_PYTEST_SESSION`` (for the zygote) and from the call itself (for a rank).
-- :class:`RankMain` is the function every rank runs: environment, stack dumps on SIGTERM,
-  the test body, and one result file that the pytest process reads.
+- :class:`RankMain` is the function every rank runs: environment, stack dumps on SIGTERM
+  and fatal signals (into its :class:`fastspawn.testing.RankFile`), the test body, and one
+  result file that the pytest process reads.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -25,7 +25,7 @@ import signal
 import sys
 import traceback
 import warnings
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, cast
 
 SESSION_ENV = "FASTSPAWN_PYTEST_SESSION"
 
@@ -61,7 +61,7 @@ class RewriteFinder(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.modules: Dict[str, str] = {}
-        self.parents: set = set()
+        self.parents: Set[str] = set()
 
     def update(self, modules: Mapping[str, str]) -> None:
         self.modules.update(modules)
@@ -138,7 +138,7 @@ class _PerRank:
 
     __hash__ = object.__hash__
     __int__ = __index__ = __float__ = __bool__ = __str__ = __format__ = _refuse
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
     __mod__ = __rmod__ = __floordiv__ = __truediv__ = _refuse
 
@@ -155,17 +155,14 @@ class Job(NamedTuple):
     nprocs: int
     master_addr: str
     master_port: int
-    outdir: str  # where each rank writes rank<i>.result and rank<i>.stack
+    outdir: str  # where each rank writes rank<i>.result
+    stacks: Sequence[Any]  # fastspawn.testing.RankFile by rank: where stacks are dumped
     warning_filters: List[Tuple[Any, ...]]  # the pytest process's filters during the call
     report: Dict[str, Any]  # how to format a failure (see plugin._report_options)
 
 
 def result_path(outdir: str, rank: int) -> str:
     return os.path.join(outdir, f"rank{rank}.result")
-
-
-def stack_path(outdir: str, rank: int) -> str:
-    return os.path.join(outdir, f"rank{rank}.stack")
 
 
 class RankMain:
@@ -191,11 +188,12 @@ class RankMain:
             MASTER_ADDR=job.master_addr,
             MASTER_PORT=str(job.master_port),
         )
-        stacks = open(stack_path(job.outdir, rank), "w")
-        faulthandler.enable(stacks, all_threads=True)
-        # SIGTERM (timeout, or another rank failed): dump every thread's stack, then die
-        # of SIGTERM as the default action would.
-        faulthandler.register(signal.SIGTERM, stacks, all_threads=True, chain=True)
+        for other, stacks in enumerate(job.stacks):
+            if other != rank:
+                stacks.close()
+        # SIGTERM (timeout, or another rank failed) and fatal signals: dump every thread's
+        # stack, then die as the default action would.
+        job.stacks[rank].dump_stacks_on_signals()
         kwargs = {k: (rank if v is RANK else v) for k, v in job.kwargs.items()}
         with warnings.catch_warnings():
             _apply_warning_filters(job.warning_filters)
@@ -336,7 +334,7 @@ def _pytest_repr(exc: BaseException, style: str, report: Mapping[str, Any]) -> A
 
     from _pytest._code import ExceptionInfo
 
-    excinfo = ExceptionInfo.from_exc_info((type(exc), exc, exc.__traceback__))
+    excinfo = ExceptionInfo.from_exc_info(cast(Any, (type(exc), exc, exc.__traceback__)))
     options: Dict[str, Any] = {
         "funcargs": True,
         "abspath": report.get("abspath", False),
@@ -405,7 +403,7 @@ class _AssertionHooks:
 
         def explain(op: str, left: object, right: object) -> Optional[str]:
             try:
-                lines = assertion.pytest_assertrepr_compare(config=view, op=op, left=left, right=right)
+                lines = assertion.pytest_assertrepr_compare(config=cast(Any, view), op=op, left=left, right=right)
             except Exception:
                 return None  # the plain "assert left op right" stays
             if not lines:
@@ -422,5 +420,5 @@ class _AssertionHooks:
             return
         from _pytest.assertion import util
 
-        util._reprcompare, util._config = cls.saved  # type: ignore[assignment]
+        util._reprcompare, util._config = cls.saved
         cls.saved = None

@@ -19,10 +19,14 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
 import pytest
 from _pytest._code.code import ReprFileLocation, TerminalRepr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fastspawn.testing import RankFiles
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,8 @@ MASTER_ADDR = "127.0.0.1"
 # After one rank ended without passing (failed, skipped, crashed), the others get this
 # long to end on their own before they are stopped with their stacks dumped.
 _SETTLE_SECONDS = 5.0
-# Between SIGTERM (each rank dumps its stacks, then dies) and SIGKILL.
+# Between SIGTERM (each rank dumps its stacks, then dies) and SIGKILL. Stopping takes at
+# most this plus _core.KILL_WAIT seconds, even for a rank that cannot die (see _api._Run.stop).
 _STOP_GRACE_SECONDS = 5.0
 
 _MARKER_HELP = (
@@ -121,7 +126,6 @@ class _Session:
             return
         import json
 
-        import fastspawn
         from fastspawn import _api
 
         path = os.path.join(self.directory(), "session.json")
@@ -132,7 +136,7 @@ class _Session:
         self._saved_preload = list(_api._zygotes.preload)
         rank_module = "fastspawn._pytest_rank"
         if rank_module not in self._saved_preload:
-            fastspawn.preload([rank_module, *self._saved_preload])
+            _api.preload([rank_module, *self._saved_preload])
         self.active = True
 
     def report_options(self, config: pytest.Config) -> Dict[str, Any]:
@@ -160,13 +164,13 @@ class _Session:
 
     def close(self) -> None:
         if self.active:
-            import fastspawn
+            from fastspawn import _api
 
             if self._saved_env is None:
                 os.environ.pop(_SESSION_ENV, None)
             else:
                 os.environ[_SESSION_ENV] = self._saved_env
-            fastspawn.preload(self._saved_preload or [])
+            _api.preload(self._saved_preload or [])
             self.active = False
         if self.torch_patch is not None:
             self.torch_patch.__exit__(None, None, None)
@@ -280,11 +284,14 @@ class Spawner:
     def __init__(self) -> None:
         self._contexts: List[Any] = []
 
-    def __call__(self, fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True, **options: Any) -> Any:
+    def __call__(
+        self, fn: Callable[..., Any], args: Tuple[Any, ...] = (), nprocs: int = 1, join: bool = True, **options: Any
+    ) -> Any:
         """``fastspawn.start_processes(fn, args, nprocs, join, daemon=..., start_method=...)``."""
-        import fastspawn
+        from fastspawn import _api
 
-        context = fastspawn.start_processes(fn, args, nprocs, join=False, **options)
+        context = _api.start_processes(fn, args, nprocs, join=False, **options)
+        assert context is not None
         self._contexts.append(context)
         if not join:
             return context
@@ -294,14 +301,14 @@ class Spawner:
 
     def close(self) -> None:
         """Stop (SIGTERM, then SIGKILL) whatever is still running."""
-        running = {}
-        for context in self._contexts:
-            for index, process in enumerate(context.processes):
-                if process.is_alive():
-                    running[(id(context), index)] = process
+        from fastspawn.testing import stop_ranks
+
+        running = sum(1 for context in self._contexts for process in context.processes if process.is_alive())
         if running:
-            log.warning("fastspawn: stopping %d process(es) still running at teardown", len(running))
-        _stop(running)
+            log.warning("fastspawn: stopping %d process(es) still running at teardown", running)
+        for context in self._contexts:
+            if context._run is not None:
+                stop_ranks(context._run, _STOP_GRACE_SECONDS)
         self._contexts.clear()
 
 
@@ -327,7 +334,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     if call.when != "call":
         return
@@ -345,11 +352,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
     from fastspawn import _pytest_rank as ranks
+    from fastspawn.testing import RankFiles
 
     state = _session(item.config)
     state.activate()
     outdir = tempfile.mkdtemp(prefix="test-", dir=state.directory())
     port = _reserve_port()
+    stacks = RankFiles(options.nprocs, "stacks")
     try:
         kwargs = _test_arguments(item)
         job = ranks.Job(
@@ -359,13 +368,15 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
             master_addr=MASTER_ADDR,
             master_port=port.getsockname()[1],
             outdir=outdir,
+            stacks=stacks.for_ranks(),
             warning_filters=_warning_filters(),
             report=state.report_options(item.config),
         )
-        main = ranks.RankMain(item.module.__name__, state.rewrite_map())  # type: ignore[union-attr]
+        main = ranks.RankMain(item.module.__name__, state.rewrite_map())
         context = _start(item, main, job, options)
-        ended = _watch(context, options.timeout, outdir)
+        ended = _watch(context, options.timeout, outdir, stacks)
     finally:
+        stacks.close()
         port.close()
         shutil.rmtree(outdir, ignore_errors=True)
     _conclude(item, options, ended)
@@ -405,7 +416,7 @@ def _warning_filters() -> List[Tuple[Any, ...]]:
             (
                 action,
                 getattr(message, "pattern", message) or "",
-                (category.__module__, category.__qualname__),
+                (category.__module__, cast(type, category).__qualname__),
                 getattr(module, "pattern", module) or "",
                 lineno,
             )
@@ -449,14 +460,14 @@ def _verbosity(config: pytest.Config, kind: Optional[str]) -> int:
 
 
 def _start(item: pytest.Function, main: Any, job: Any, options: SpawnOptions) -> Any:
-    import fastspawn
+    from fastspawn import _api
 
     with warnings.catch_warnings(record=True) as caught:
         # fastspawn's own notices (a zygote fallback, a preload failure) are not the
         # test's warnings: logged, never turned into errors by the test's filters.
         warnings.filterwarnings("always", message="fastspawn", category=RuntimeWarning)
         try:
-            context = fastspawn.start_processes(
+            context = _api.start_processes(
                 main, (job,), options.nprocs, join=False, start_method=options.start_method
             )
         except Exception:
@@ -512,82 +523,64 @@ class Ended(NamedTuple):
     timed_out: bool
     elapsed: float
     crash_detail: Dict[int, str]  # error the machinery reported for a rank without result
+    unstoppable: List[int]  # stopped ranks still running after SIGKILL (frozen, in the kernel)
 
 
-def _watch(context: Any, timeout: Optional[float], outdir: str) -> Ended:
+def _watch(context: Any, timeout: Optional[float], outdir: str, stacks: RankFiles) -> Ended:
     """Wait for the ranks: until all ended, the timeout, or (after a rank ended without
     passing) the settle time; stop whatever is still running, stacks dumped."""
-    from multiprocessing.connection import wait as wait_ready
+    from fastspawn._pytest_rank import result_path
+    from fastspawn.testing import stop_ranks
 
-    from fastspawn._pytest_rank import result_path, stack_path
-
+    run = context._run
     processes = list(context.processes)
     n = len(processes)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     settle_by: Optional[float] = None
     results: List[Optional[Dict[str, Any]]] = [None] * n
-    pending = dict(enumerate(processes))
+    seen = 0  # run.exit_order[:seen] are read
     timed_out = False
+    unstoppable: List[int] = []
     try:
-        while pending:
+        while seen < n:
             ends = [t for t in (deadline, settle_by) if t is not None]
-            left = None if not ends else max(0.0, min(ends) - time.monotonic())
-            by_sentinel = {process.sentinel: r for r, process in pending.items()}
-            ready = wait_ready(list(by_sentinel), left)
-            for sentinel in ready:
-                r = by_sentinel[sentinel]
-                pending.pop(r).join()
+            if ends and time.monotonic() >= min(ends):
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                break
+            run.wait_any(None if not ends else max(0.0, min(ends) - time.monotonic()), seen)
+            for r in run.exit_order[seen:]:
+                seen += 1
                 results[r] = _read_result(result_path(outdir, r))
                 if settle_by is None and (results[r] or {}).get("outcome") != "passed":
                     settle_by = time.monotonic() + _SETTLE_SECONDS
-            if not ready and ends and time.monotonic() >= min(ends):
-                timed_out = deadline is not None and time.monotonic() >= deadline
-                break
     finally:
-        _stop(pending)  # also on KeyboardInterrupt or a pytest-timeout in the wait
+        pending = [r for r in range(n) if r not in run.exit_order[:seen]]
+        if pending:  # also on KeyboardInterrupt or a pytest-timeout in the wait
+            unstoppable = stop_ranks(run, _STOP_GRACE_SECONDS)[1]
     elapsed = time.monotonic() - started
-    stopped = {r: _test_frames(_read_text(stack_path(outdir, r))) for r in pending}
+    stopped = {r: _test_frames(stacks.text(r)) for r in pending}
     crash_detail: Dict[int, str] = {}
     exitcodes = [process.exitcode for process in processes]
     if any(results[r] is None and r not in stopped for r in range(n)):
         crash_detail = _machinery_errors(context)
     for r in range(n):
         if results[r] is None and r not in stopped:
-            crash_detail.setdefault(r, _test_frames(_read_text(stack_path(outdir, r))))
-    return Ended(results, exitcodes, [process.pid for process in processes], stopped, timed_out, elapsed, crash_detail)
-
-
-def _stop(processes: Mapping[Any, Any], grace: float = _STOP_GRACE_SECONDS) -> None:
-    """SIGTERM (a rank dumps its stacks then dies), up to ``grace`` s, SIGKILL, reap."""
-    from multiprocessing.connection import wait as wait_ready
-
-    alive = [p for p in processes.values() if p.is_alive()]
-    for process in alive:
-        process.terminate()
-    deadline = time.monotonic() + grace
-    while alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        wait_ready([p.sentinel for p in alive], left)
-        alive = [p for p in alive if p.is_alive()]
-    for process in alive:
-        process.kill()
-    for process in processes.values():
-        process.join()
+            crash_detail.setdefault(r, _test_frames(stacks.text(r)))
+    pids = [process.pid for process in processes]
+    return Ended(results, exitcodes, pids, stopped, timed_out, elapsed, crash_detail, unstoppable)
 
 
 def _machinery_errors(context: Any) -> Dict[int, str]:
     """The error fastspawn reported for a rank that never ran the test (e.g. a fixture
     value that failed to unpickle there): the first one, as ProcessContext.join gives it."""
-    import fastspawn
+    from fastspawn._errors import ProcessException, ProcessRaisedException
 
     try:
         context.join(0)
-    except fastspawn.ProcessRaisedException as exc:
+    except ProcessRaisedException as exc:
         return {exc.error_index: str(exc).strip()}
-    except fastspawn.ProcessException:
+    except ProcessException:
         pass
     return {}
 
@@ -597,7 +590,7 @@ def _read_result(path: str) -> Optional[Dict[str, Any]]:
 
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return cast(Optional[Dict[str, Any]], pickle.load(f))
     except (OSError, EOFError, pickle.UnpicklingError):
         return None
 
@@ -618,14 +611,6 @@ def _test_frames(dump: str) -> str:
         if not skipping:
             lines.append(line)
     return "\n".join(lines)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------- the test's outcome
@@ -688,6 +673,11 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
             else f"rank {r} {_exit_text(ended.exitcodes[r])}"
             for r in sorted(failed + crashed)
         )
+    if ended.unstoppable:
+        headline += (
+            f"; rank(s) {', '.join(map(str, sorted(ended.unstoppable)))} did not exit even after SIGKILL "
+            "(frozen, or stuck in the kernel)"
+        )
     sections: List[Tuple[str, Any]] = []
     crash: Optional[Tuple[str, int, str]] = None  # where the first failing rank failed
     path, lineno, _ = item.reportinfo()
@@ -709,7 +699,13 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
             sections.append((title, ended.crash_detail.get(r) or "(it reported nothing)"))
         elif r in ended.stopped:
             why = "when the timeout expired" if ended.timed_out else f"{_SETTLE_SECONDS:g} s after another rank ended"
-            sections.append((f"{label} was stopped; its stack {why}", ended.stopped[r] or "(the rank dumped no stack)"))
+            body = ended.stopped[r] or "(the rank dumped no stack)"
+            if r in ended.unstoppable:
+                body = (
+                    "It did not exit even after SIGKILL (frozen, or stuck in the kernel): left "
+                    f"running, fastspawn reaps it when it exits.\n{body}"
+                )
+            sections.append((f"{label} was stopped; its stack {why}", body))
     if crash is None or ended.timed_out:
         crash = (str(path), (lineno or 0) + 1, headline)
     item.stash[_REPORT] = ("failed", SpawnFailureRepr(headline, sections, crash))
@@ -727,7 +723,7 @@ def _fail(item: pytest.Function, options: SpawnOptions, ended: Ended, failed: Li
 def _reason(ended: Ended, ranks: Sequence[int]) -> str:
     messages = {ended.results[r]["message"] for r in ranks}  # type: ignore[index]
     if len(messages) == 1 and len(ranks) == len(ended.results):
-        return messages.pop()
+        return str(messages.pop())
     return "; ".join(f"rank {r}: {ended.results[r]['message']}" for r in ranks)  # type: ignore[index]
 
 

@@ -32,8 +32,11 @@ The differences:
   letting them wait for it until the timeout; a rank killed by a fatal signal shows its
   Python stack.
 - At the timeout the ranks still running get SIGTERM, which first writes the Python stack of
-  all their threads into the failure message; a rank still alive ``kill_grace_period``
-  seconds later gets SIGKILL (torch sends SIGTERM only and never waits).
+  all their threads into the failure message (whole, however big); a rank still alive
+  ``kill_grace_period`` seconds later gets SIGKILL (torch sends SIGTERM only and never
+  waits). Stopping is bounded: a rank that cannot die even by SIGKILL (frozen, stuck in
+  the kernel) fails the test within ``timeout + kill_grace_period + _core.KILL_WAIT``
+  seconds, named in the message, and is reaped by fastspawn whenever it finally exits.
 - A skip inside a rank (``unittest.SkipTest``, or ``pytest.skip``) carries its reason to the
   parent, instead of torch's generic "look at subprocess log" message.
 
@@ -46,9 +49,9 @@ not import torch.
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import signal
@@ -61,7 +64,8 @@ import types
 import unittest
 import warnings
 from functools import wraps
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "DEFAULT_WORLD_SIZE",
@@ -122,10 +126,6 @@ TIMEOUT_OVERRIDE: Dict[str, float] = {}
 # The seed torch's test utilities give every rank when they are not loaded (their default).
 _SEED = 1234
 
-# How long to wait for ranks to die after SIGKILL before giving up on them (only a process
-# stuck in the kernel takes that long).
-_KILL_WAIT = 30.0
-
 
 def get_timeout(test_id: str) -> float:
     """The timeout in seconds of the test ``test_id`` (``module.Class.test_name``)."""
@@ -141,7 +141,7 @@ def _skip_codes() -> Dict[int, Any]:
     return codes
 
 
-def _skip_exceptions() -> Tuple[type, ...]:
+def _skip_exceptions() -> Tuple[Type[BaseException], ...]:
     """What a skip looks like inside a rank: unittest's, and pytest's when pytest is loaded."""
     outcomes = sys.modules.get("_pytest.outcomes")
     pytest_skip = getattr(outcomes, "Skipped", None)
@@ -161,22 +161,132 @@ def _start_method_of(proc: Union[str, type]) -> str:
     return str(method)
 
 
+# ------------------------------------------------------------- per-rank channels
+class RankFile:
+    """A rank's end of a :class:`RankFiles`: the fd the rank appends to.
+
+    It travels with the call to the rank (pickled, the fd handed over by fastspawn) or is
+    inherited by a forked rank; the rank closes the ends of the other ranks.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_rank_file, (reduction.DupFd(self.fd),))
+
+    def dump_stacks_on_signals(self) -> None:
+        """In the rank: SIGTERM and fatal signals (SIGSEGV, SIGABRT, ...) first write every
+        thread's Python stack here, then end the process as they would have (SIGTERM runs
+        the handler the test installs over it, if any). Writing never blocks: the file is
+        memory that grows, so the dump is whole however big (faulthandler's own limits:
+        100 threads, 100 frames each)."""
+        faulthandler.enable(file=self.fd, all_threads=True)
+        faulthandler.register(signal.SIGTERM, file=self.fd, all_threads=True, chain=True)
+
+    def connection(self) -> Connection:
+        """In the rank: a write-only ``multiprocessing`` connection on this file (it owns
+        the fd from now on); what is sent never waits for the parent to read."""
+        fd, self.fd = self.fd, -1
+        return Connection(fd, readable=False)
+
+    def close(self) -> None:
+        """Close the fd (a rank does it for the other ranks' ends)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _rank_file(fd: Any) -> RankFile:
+    return RankFile(fd.detach())
+
+
+class RankFiles:
+    """One anonymous memory file (memfd) per rank, for what a rank reports outside its
+    result: the stacks its faulthandler writes at SIGTERM or a fatal signal, the messages a
+    test rank sends.
+
+    Unlike a pipe, the file never fills: a rank never blocks writing to it (not while the
+    parent waits, not during the stop's grace, not if nobody ever reads), so nothing it
+    writes is truncated and no wait needs to drain it. The parent reads a rank's file
+    whole at any time; what it holds is complete once the rank has exited or was stopped.
+    """
+
+    def __init__(self, nprocs: int, name: str) -> None:
+        self._fds: List[int] = []
+        try:
+            for rank in range(nprocs):
+                self._fds.append(os.memfd_create(f"fastspawn-{name}-{rank}", os.MFD_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+
+    def for_ranks(self) -> List[RankFile]:
+        """The ranks' ends, by rank (to pass to every rank, each keeping its own)."""
+        return [RankFile(fd) for fd in self._fds]
+
+    def read(self, rank: int) -> bytes:
+        """Everything rank ``rank`` wrote so far (b"" once closed)."""
+        fd = self._fds[rank] if rank < len(self._fds) else -1
+        if fd < 0:
+            return b""
+        chunks: List[bytes] = []
+        offset = 0
+        while True:
+            data = os.pread(fd, 1 << 20, offset)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            offset += len(data)
+
+    def text(self, rank: int) -> str:
+        """:meth:`read` as text (a stack dump)."""
+        return self.read(rank).decode(errors="replace").strip()
+
+    def reader(self, rank: int) -> Connection:
+        """A read-only connection on rank ``rank``'s file, with its own read position
+        (from the start): ``recv()`` gives what the rank sent through
+        :meth:`RankFile.connection`, and EOFError past the last complete message."""
+        fd = os.open(f"/proc/self/fd/{self._fds[rank]}", os.O_RDONLY | os.O_CLOEXEC)
+        return Connection(fd, writable=False)
+
+    def messages(self, rank: int) -> List[Any]:
+        """Every complete message rank ``rank`` sent, in order."""
+        if rank >= len(self._fds) or self._fds[rank] < 0:
+            return []
+        found = []
+        with self.reader(rank) as connection:
+            while True:
+                try:
+                    found.append(connection.recv())
+                except (EOFError, OSError):
+                    return found
+
+    def close(self) -> None:
+        """Free the files."""
+        fds, self._fds = self._fds, [-1] * len(self._fds)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+def stop_ranks(run: Any, grace: float) -> Tuple[List[int], List[int]]:
+    """Stop what still runs of ``run`` (a ``fastspawn._api._Run``) with fastspawn's one stop
+    routine (``_Run.stop``): SIGTERM (a rank writes its stacks first), up to ``grace``
+    seconds, SIGKILL, up to ``_core.KILL_WAIT`` seconds for the ranks to die.
+
+    Returns ``(killed, unstoppable)``: the ranks that got SIGKILL, and those of them still
+    running when it returned (frozen, stuck in the kernel: fastspawn's reaper collects
+    them when they exit)."""
+    core = importlib.import_module("._core", __package__)
+    killed: List[int] = run.stop(grace, signal.SIGTERM)
+    unstoppable = [rank for rank in killed if core.child_running(run.group.pid(rank))]
+    return killed, unstoppable
+
+
 # ------------------------------------------------------------------------ rank side
-_stack_channel: Optional[Any] = None  # keeps the rank's stack pipe open for faulthandler
-
-
-def _dump_stacks_on_signals(channel: Any) -> None:
-    """SIGTERM and fatal signals (SIGSEGV, SIGABRT, ...) first write every thread's Python
-    stack to ``channel``, then end the process as they would have (SIGTERM runs the
-    handler the test installs over it, if any). The write end does not block: a full pipe
-    truncates the dump instead of hanging the rank."""
-    global _stack_channel
-    _stack_channel = channel
-    os.set_blocking(channel.fileno(), False)
-    faulthandler.enable(file=channel.fileno(), all_threads=True)
-    faulthandler.register(signal.SIGTERM, file=channel.fileno(), all_threads=True, chain=True)
-
-
 def _prepare_rank() -> None:
     """What torch sets up in a rank before the test: identical seeds in every rank, and
     with torch loaded, C++ stack traces on errors and fatal signals."""
@@ -209,14 +319,14 @@ def _destroy_process_group() -> None:
 
 
 class _RankEntry:
-    """What each rank runs: ``test_class._run(rank, ...)`` with its own pipes.
+    """What each rank runs: ``test_class._run(rank, ...)`` with its own channels.
 
     Its ``__module__`` is the test class's module, because fastspawn's zygote imports the
     module of the function it starts: so the test module (and torch with it) is imported
     once in the zygote, and each rank is only a fork.
     """
 
-    def __init__(self, test_class: type) -> None:
+    def __init__(self, test_class: Type[_MultiProcessTestCaseBase]) -> None:
         self.test_class = test_class
         self.__module__ = test_class.__module__
 
@@ -225,39 +335,19 @@ class _RankEntry:
         rank: int,
         test_name: str,
         file_name: str,
-        error_pipes: Sequence[Any],
-        stack_pipes: Sequence[Any],
+        messages: Sequence[RankFile],
+        stacks: Sequence[RankFile],
         kwargs: Dict[str, Any],
     ) -> None:
-        for other, (error_pipe, stack_pipe) in enumerate(zip(error_pipes, stack_pipes)):
+        for other, (message_file, stack_file) in enumerate(zip(messages, stacks)):
             if other != rank:
-                error_pipe.close()
-                stack_pipe.close()
-        _dump_stacks_on_signals(stack_pipes[rank])
-        self.test_class._run(rank, test_name, file_name, error_pipes[rank], **kwargs)
+                message_file.close()
+                stack_file.close()
+        stacks[rank].dump_stacks_on_signals()
+        self.test_class._run(rank, test_name, file_name, messages[rank].connection(), **kwargs)
 
 
 # ----------------------------------------------------------------------- the class
-def _read_available(fd: int) -> bytes:
-    """Everything already in a non-blocking pipe."""
-    chunks = []
-    while True:
-        try:
-            data = os.read(fd, 1 << 16)
-        except (BlockingIOError, OSError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
-
-
-def _join_all(processes: Sequence[Any], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-
-
 class _MultiProcessTestCaseBase(unittest.TestCase):
     """The logic of :class:`MultiProcessTestCase` (which adds torch's TestCase as a base)."""
 
@@ -326,21 +416,24 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         with tempfile.NamedTemporaryFile(delete=False) as f:
             self.file_name = f.name
         self.pid_to_pipe = {}
-        self._error_pipes: List[Any] = []
-        self._stack_pipes: List[Any] = []
-        self._messages: Dict[int, Tuple[str, str]] = {}
+        self._ranks: Optional[Any] = None  # the run of the ranks (fastspawn._api._Run)
+        self._message_files = RankFiles(0, "messages")
+        self._stack_files = RankFiles(0, "stacks")
         self._exit_order: List[int] = []
         self._timed_out: List[int] = []
-        self._stacks: Dict[int, str] = {}
+        self._unstoppable: List[int] = []
 
     def tearDown(self) -> None:
         try:
             super().tearDown()
         finally:
-            self._stop_processes(getattr(self, "processes", []))
+            self._stop_ranks()
             self._close_pipes()
-            # A finished TestCase stays referenced until the end of the run: drop what holds fds.
+            # A finished TestCase stays referenced until the end of the run: drop what
+            # holds fds and processes (a rank that could not be stopped is then the
+            # engine's to reap, see _api._Run.stop).
             self.processes = []
+            self._ranks = None
 
     def _current_test_name(self) -> str:
         return self.id().split(".")[-1]
@@ -356,39 +449,30 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         from . import _api
 
         method = _start_method_of(proc)
+        self._stop_ranks(0.0)  # called twice in one test: the earlier ranks go first
+        self._close_pipes()
         self.processes = []
-        error_pipes = [multiprocessing.Pipe(duplex=False) for _ in range(int(self.world_size))]
-        stack_pipes = [multiprocessing.Pipe(duplex=False) for _ in range(int(self.world_size))]
-        writers = [w for _, w in error_pipes] + [w for _, w in stack_pipes]
-        try:
-            context = _api.start_processes(
-                _RankEntry(type(self)),
-                args=(
-                    self._current_test_name(),
-                    self.file_name,
-                    [w for _, w in error_pipes],
-                    [w for _, w in stack_pipes],
-                    {"fake_pg": getattr(self, "fake_pg", False)},
-                ),
-                nprocs=int(self.world_size),
-                join=False,
-                start_method=method,
-            )
-        except BaseException:
-            for reader, writer in error_pipes + stack_pipes:
-                reader.close()
-                writer.close()
-            raise
-        for writer in writers:
-            writer.close()  # the ranks hold theirs: a rank's pipe ends with the rank
+        nprocs = int(self.world_size)
+        self._message_files = RankFiles(nprocs, "messages")
+        self._stack_files = RankFiles(nprocs, "stacks")
+        context = _api.start_processes(
+            _RankEntry(type(self)),
+            args=(
+                self._current_test_name(),
+                self.file_name,
+                self._message_files.for_ranks(),
+                self._stack_files.for_ranks(),
+                {"fake_pg": getattr(self, "fake_pg", False)},
+            ),
+            nprocs=nprocs,
+            join=False,
+            start_method=method,
+        )
         assert context is not None
-        self._error_pipes = [reader for reader, _ in error_pipes]
-        self._stack_pipes = [reader for reader, _ in stack_pipes]
-        for reader in self._stack_pipes:
-            os.set_blocking(reader.fileno(), False)
+        self._ranks = context._run
         for rank, process in enumerate(context.processes):
             logger.info("Started process %s with pid %s", rank, process.pid)
-            self.pid_to_pipe[process.pid] = self._error_pipes[rank]
+            self.pid_to_pipe[process.pid] = self._message_files.reader(rank)
             self.processes.append(process)
 
     # --------------------------------------------------------------------- rank side
@@ -436,7 +520,7 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
             self._wait_for_ranks(fn, timeout)
             self._check_return_codes(fn, time.time() - start_time)
         except BaseException:
-            self._stop_processes(self.processes, grace=0.0)
+            self._stop_ranks(0.0)
             raise
         finally:
             self._close_pipes()
@@ -450,85 +534,76 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         return exitcode not in (0, self.special_return_code_checks.get(fn, 0)) and exitcode not in _skip_codes()
 
     def _wait_for_ranks(self, fn: Callable[[], Any], timeout: float) -> None:
+        """Until every rank exited, one exited in a way that ends the test (the others are
+        stopped then), or the timeout (the ranks still running are stopped, their stacks
+        logged as torch logs them)."""
+        run = self._ranks
+        if run is None:
+            return
         deadline = time.monotonic() + timeout
-        running = {process.sentinel: rank for rank, process in enumerate(self.processes)}
-        pipes = {pipe: rank for rank, pipe in enumerate(self._error_pipes)}
-        while running:
+        while len(self._exit_order) < len(self.processes):
             left = deadline - time.monotonic()
             if left <= 0:
-                self._stop_timed_out(timeout)
+                self._timed_out = [rank for rank, p in enumerate(self.processes) if p.exitcode is None]
+                logger.error("Timing out after %s seconds and killing subprocesses.", timeout)
+                self._stop_ranks()
+                for rank in self._timed_out:
+                    stacks = self._stack_files.text(rank)
+                    if stacks:
+                        logger.error("Process %s timed out with traceback: \n\n%s", rank, stacks)
+                    else:
+                        logger.error("Could not retrieve traceback for timed out process: %s", rank)
                 return
-            for ready in multiprocessing.connection.wait([*running, *pipes], left):
-                if ready in pipes:
-                    if not self._receive(pipes[ready], ready):
-                        del pipes[ready]
-                    continue
-                rank = running.pop(ready)  # type: ignore[call-overload]
-                process = self.processes[rank]
-                process.join(max(0.0, deadline - time.monotonic()))
+            run.wait_any(left, len(self._exit_order))
+            for rank in run.exit_order[len(self._exit_order) :]:
                 self._exit_order.append(rank)
-                if process.exitcode is not None and self._aborts(fn, process.exitcode):
+                exitcode = run.exitcodes[rank]
+                if exitcode is not None and self._aborts(fn, exitcode):
                     logger.error(
                         "Process %s terminated with exit code %s, terminating remaining processes.",
                         rank,
-                        process.exitcode,
+                        exitcode,
                     )
-                    self._stop_processes(self.processes)
+                    self._stop_ranks()
                     return
 
-    def _receive(self, rank: int, pipe: Any) -> bool:
-        """Take one message from a rank's pipe; False once the pipe is closed."""
-        try:
-            self._messages[rank] = pipe.recv()
-        except (EOFError, OSError):
-            return False
-        return True
-
-    def _drain(self) -> None:
-        for rank, pipe in enumerate(self._error_pipes):
-            try:
-                while not pipe.closed and pipe.poll() and self._receive(rank, pipe):
-                    pass
-            except (EOFError, OSError):
-                pass
-
-    def _stop_timed_out(self, timeout: float) -> None:
-        """SIGTERM (each rank writes its stacks first), SIGKILL after the grace period."""
-        self._timed_out = [rank for rank, p in enumerate(self.processes) if p.exitcode is None]
-        logger.error("Timing out after %s seconds and killing subprocesses.", timeout)
-        self._stop_processes(self.processes)
-        for rank in self._timed_out:
-            stacks = self._stacks_of(rank)
-            if stacks:
-                logger.error("Process %s timed out with traceback: \n\n%s", rank, stacks)
-            else:
-                logger.error("Could not retrieve traceback for timed out process: %s", rank)
-
-    def _stacks_of(self, rank: int) -> str:
-        """The stacks a rank wrote at SIGTERM or a fatal signal (complete once it exited)."""
-        pipe = self._stack_pipes[rank]
-        if not pipe.closed:
-            text = _read_available(pipe.fileno()).decode(errors="replace")
-            self._stacks[rank] = self._stacks.get(rank, "") + text
-        return self._stacks.get(rank, "")
-
-    def _stop_processes(self, processes: Sequence[Any], grace: Optional[float] = None) -> None:
-        """SIGTERM the ranks still running, SIGKILL those alive ``grace`` seconds later."""
-        live = [p for p in processes if p.is_alive()]
-        if not live:
+    def _stop_ranks(self, grace: Optional[float] = None) -> None:
+        """Stop the ranks still running (see :func:`stop_ranks`), SIGKILL to those alive
+        ``grace`` seconds after SIGTERM (default ``kill_grace_period``)."""
+        run = getattr(self, "_ranks", None)
+        if run is None:
             return
-        for process in live:
-            process.terminate()
-        _join_all(live, self.kill_grace_period if grace is None else grace)
-        for process in live:
-            if process.is_alive():
-                logger.warning("Process %s did not exit after SIGTERM; sending SIGKILL", process.pid)
-                process.kill()
-        _join_all(live, _KILL_WAIT)
+        grace = self.kill_grace_period if grace is None else grace
+        killed, unstoppable = stop_ranks(run, grace)
+        for rank in killed:
+            logger.warning(
+                "Process %s (pid %s) did not exit within %s seconds of SIGTERM; it got SIGKILL",
+                rank,
+                self.processes[rank].pid,
+                grace,
+            )
+        self._unstoppable += unstoppable
 
     def _close_pipes(self) -> None:
-        for pipe in [*getattr(self, "_error_pipes", []), *getattr(self, "_stack_pipes", [])]:
+        for pipe in self.pid_to_pipe.values():
             pipe.close()
+        self._message_files.close()
+        self._stack_files.close()
+
+    def _message(self, rank: int) -> Tuple[str, str]:
+        """The last ("skip" or "error", text) message rank ``rank`` sent, if any."""
+        messages = self._message_files.messages(rank)
+        return messages[-1] if messages else ("", "")
+
+    def _unstoppable_text(self) -> str:
+        """What to add to a failure about ranks still running after the stop."""
+        text = ""
+        for rank in sorted(set(self._unstoppable)):
+            text += (
+                f"\n\n-- Process {rank} (pid {self.processes[rank].pid}) did not exit even after "
+                "SIGKILL (frozen, or stuck in the kernel); fastspawn reaps it when it does"
+            )
+        return text
 
     def _check_return_codes(self, fn: Callable[[], Any], elapsed_time: float) -> None:
         """Raise for a rank that failed or timed out; skip when a rank exited with a skip
@@ -536,24 +611,23 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
         if not self.processes:
             logger.warning("Note: no subprocesses were spawned, test was likely skipped.")
             return
-        self._drain()
         errored = [i for i, p in enumerate(self.processes) if p.exitcode == TEST_ERROR_EXIT_CODE]
         if errored:
             error = ""
             for i in errored:
-                _, text = self._messages.get(i, ("error", ""))
+                _, text = self._message(i)
                 error += (
                     f"Process {i} exited with error code {TEST_ERROR_EXIT_CODE} "
                     f"and exception:\n{text}\n"
                 )
-            raise RuntimeError(error)
+            raise RuntimeError(error + self._unstoppable_text())
         timed_out = self._timed_out or [i for i, p in enumerate(self.processes) if p.exitcode is None]
         if timed_out:
             message = f"Process {timed_out[0]} terminated or timed out after {elapsed_time} seconds"
             for i in timed_out:
-                stacks = self._stacks.get(i) or "(no stack received)\n"
+                stacks = self._stack_files.text(i) or "(no stack received)"
                 message += f"\n\n-- Process {i} was running at the timeout, in:\n{stacks}"
-            raise RuntimeError(message)
+            raise RuntimeError(message + self._unstoppable_text())
         if fn in self.skip_return_code_checks:
             return
         skips = _skip_codes()
@@ -563,14 +637,14 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
             process = self.processes[i]
             if process.exitcode != expected and process.exitcode not in skips:
                 msg = f"Expected exit code {expected} but got {process.exitcode} for pid: {process.pid} (process {i})"
-                stacks = self._stacks_of(i) if process.exitcode is not None and process.exitcode < 0 else ""
+                stacks = self._stack_files.text(i) if process.exitcode is not None and process.exitcode < 0 else ""
                 if stacks:
                     msg += f"\n\n-- Process {i} was killed by signal {-process.exitcode}, in:\n{stacks}"
                 self.assertEqual(process.exitcode, expected, msg=msg)
         for i, process in enumerate(self.processes):
             skip = skips.get(process.exitcode)
             if skip is not None and process.exitcode != expected:
-                kind, reason = self._messages.get(i, ("", ""))
+                kind, reason = self._message(i)
                 raise unittest.SkipTest(reason if kind == "skip" and reason else skip.message)
 
 
