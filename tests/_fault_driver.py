@@ -207,12 +207,9 @@ def keep():
 def settle(seconds=SETTLE, until=None):
     """Poll for our leftovers to be gone; those still there (and then SIGKILLed, so that
     a failure does not poison the next trial)."""
-    deadline = until if until is not None else time.monotonic() + seconds
-    while True:
-        left = kit.leftovers(keep())
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(0.02)
+    if until is not None:
+        seconds = until - time.monotonic()
+    left = kit.scan_until_empty(lambda: kit.leftovers(keep()), max(0.0, seconds), confirm=0.05)
     described = [kit.describe(pid) for pid in left]
     for pid in left:
         kit.kill_quietly(pid)
