@@ -165,32 +165,19 @@ def zygote_pid():
 
 
 def zygotes():
-    """Our live zygote (at most one), whichever call started it. Its ranks are forks of it
-    with the same command line, and for a moment after the fork they still hold its socket
-    and sit in its process group; the zygote leads its own group and is the oldest of them."""
+    """Our live zygote processes, whichever call started them: children running the
+    zygote's bootstrap. Its ranks, forks of it, run the same command line but start
+    later; retired zygotes are gone before a new one starts."""
     me = os.getpid()
-    found = []
-    for pid in kit.children(me):
-        st = kit.stat(pid)
-        if st is None or st.state == "Z" or st.pgid != pid or "fastspawn._zygote" not in kit.cmdline(pid):
-            continue
-        if _holds_socket(pid):
-            found.append((st.start, pid))
-    return [min(found)[1]] if found else []
+    return [pid for pid in kit.children(me)
+            if "fastspawn._zygote" in kit.cmdline(pid) and (kit.stat(pid) or kit.Stat("Z", 0, 0, 0)).state != "Z"]
 
 
-def _holds_socket(pid):
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                return True
-        except OSError:
-            pass
-    return False
+def the_zygote():
+    """The zygote itself, not one of its forks: the first started of ``zygotes()``."""
+    found = [(kit.stat(pid), pid) for pid in zygotes()]
+    found = [(st.start, pid) for st, pid in found if st is not None]
+    return min(found)[1] if found else 0
 
 
 def tracker_pid():
@@ -200,24 +187,20 @@ def tracker_pid():
 
 
 def keep():
-    """Processes of ours that outlive a call on purpose: the current zygote (every live
-    one, should the private handle on it have moved) and the resource tracker."""
+    """Processes of ours that outlive a call on purpose: the current zygote (the live one,
+    should the private handle on it have moved) and the resource tracker."""
     from fastspawn import _api
 
-    current = zygote_pid() if hasattr(getattr(_api, "_zygotes", None), "current") else 0
-    kept = {current} if current else set(zygotes())
-    return kept | ({tracker_pid()} - {0})
+    known = hasattr(getattr(_api, "_zygotes", None), "current")
+    return {zygote_pid() if known else the_zygote(), tracker_pid()} - {0}
 
 
 def settle(seconds=SETTLE, until=None):
     """Poll for our leftovers to be gone; those still there (and then SIGKILLed, so that
     a failure does not poison the next trial)."""
-    deadline = until if until is not None else time.monotonic() + seconds
-    while True:
-        left = kit.leftovers(keep())
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(0.02)
+    if until is not None:
+        seconds = until - time.monotonic()
+    left = kit.scan_until_empty(lambda: kit.leftovers(keep()), max(0.0, seconds), confirm=0.05)
     described = [kit.describe(pid) for pid in left]
     for pid in left:
         kit.kill_quietly(pid)
@@ -433,15 +416,27 @@ def scenario_emfile(out, where):
     emit(out, "result", opened=opened, low=low, first=first, left=left, second=second, left_after=settle())
 
 
-def kill_zygotes():
+def kill_zygote():
+    pid = the_zygote()
+    if pid:
+        kit.kill_quietly(pid)
+
+
+def kill_command_line():
+    """As `pkill -9 -f fastspawn._zygote` among our children: the zygote and its forks
+    that have not run anything else yet (ranks just forked, not yet announced)."""
     for pid in zygotes():
         kit.kill_quietly(pid)
 
 
-def scenario_zygote_kill(out, trials, seed):
-    """The zygote SIGKILLed at a random point of a 16-rank call, ``trials`` times: half
-    of the calls start a new zygote (the preload list changed), so that the kill also
-    lands in its start-up; the others use a warm one."""
+KILLERS = {"zygote": kill_zygote, "command-line": kill_command_line}
+
+
+def scenario_zygote_kill(out, victims, trials, seed):
+    """The zygote (``victims`` "zygote"), or every process running its command line
+    ("command-line"), SIGKILLed at a random point of a 16-rank call, ``trials`` times:
+    half of the calls start a new zygote (the preload list changed), so that the kill
+    also lands in its start-up; the others use a warm one."""
     import fastspawn
 
     rng = random.Random(int(seed))
@@ -461,7 +456,7 @@ def scenario_zygote_kill(out, trials, seed):
         else:
             fastspawn.warmup()  # a live zygote (a fresh one after the last trial killed it)
         delay = rng.uniform(0.0, spans[0] if cold else spans[1])
-        timer = threading.Timer(delay, kill_zygotes)
+        timer = threading.Timer(delay, KILLERS[victims])
         timer.start()
         result = outcome(fastspawn.spawn, noop, nprocs=16)
         timer.join()

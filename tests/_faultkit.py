@@ -28,6 +28,7 @@ class Stat(NamedTuple):
     ppid: int
     pgid: int
     start: int  # start time in clock ticks since boot: (pid, start) names one process
+    session: int = 0
 
 
 def stat(pid: int) -> Optional[Stat]:
@@ -37,7 +38,7 @@ def stat(pid: int) -> Optional[Stat]:
             fields = f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    return Stat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+    return Stat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]), int(fields[3]))
 
 
 def all_pids() -> List[int]:
@@ -102,6 +103,23 @@ def wait_until(predicate, seconds: float, interval: float = 0.02) -> bool:
         if time.monotonic() >= deadline:
             return bool(predicate())
         time.sleep(interval)
+
+
+def scan_until_empty(scan, seconds: float, confirm: float = 0.1) -> List[int]:
+    """Poll ``scan`` (a /proc scan for leftovers) until it finds nothing twice in a row,
+    ``confirm`` s apart (a process caught mid-exec can hide from one scan), or until
+    ``seconds`` pass; what the last scan found."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = scan()
+        if not found:
+            time.sleep(confirm)
+            found = scan()
+            if not found:
+                return []
+        if time.monotonic() >= deadline:
+            return found
+        time.sleep(0.02)
 
 
 def wait_gone(pids: Iterable[int], seconds: float) -> List[int]:
