@@ -301,6 +301,10 @@ PYBIND11_MODULE(_core, m) {
             "engine's reaper (their exit is logged with exitcode None).")
         .def("begin_stop", &Group::begin_stop,
              "From now on, reaping a child first SIGKILLs what is left in its process group.")
+        .def("set_reap_strays", &Group::set_reap_strays, py::arg("on"),
+             "For the zygote's group: when a child is reaped and its process group killed, "
+             "children of this process left in that group that no group owns (forks killed "
+             "before they announced themselves) go to the engine's reaper.")
         .def("send_signal", &Group::send_signal, py::arg("rank"), py::arg("sig"),
              py::arg("group") = false,
              "Send `sig` to `rank` through its pidfd (group=True: also to its process group, "

@@ -21,6 +21,8 @@
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 
@@ -705,7 +707,10 @@ void Group::reap_locked(int rank) {
     // Exited, a zombie: its pid, and so its process group's id, is still ours. When it
     // failed or we are stopping, end what it left in its group.
     const int code = decode_status(info);
-    if (stopping_ || code != 0) ::kill(-s.pid, SIGKILL);
+    if (stopping_ || code != 0) {
+        ::kill(-s.pid, SIGKILL);
+        if (reap_strays_) reap_strays_locked(s.pid);
+    }
     if (s.guarded) guardian_forget(s.pid);
     std::optional<int> exitcode;
     if (waitid_nohang(s.pid, info, 0) == 0 && info.si_pid == s.pid)
@@ -713,6 +718,47 @@ void Group::reap_locked(int rank) {
     else
         s.gone = true;  // reaped behind our back just now: status unknown
     finish_locked(rank, exitcode);
+}
+
+// Children of this process in process group `pgid` (its leader an unreaped zombie of
+// ours, so the id is not a stranger's) that no live group owns: already SIGKILLed with
+// the group, they go to the reaper. Found through /proc (ppid and pgrp of each process);
+// runs only for groups that asked for it (the zygote's), on its reap.
+void Group::reap_strays_locked(pid_t pgid) noexcept {
+    const pid_t self = ::getpid();
+    DIR* dir = ::opendir("/proc");
+    if (dir == nullptr) return;
+    std::vector<pid_t> strays;
+    try {
+        while (const dirent* entry = ::readdir(dir)) {
+            char* end = nullptr;
+            const long pid = std::strtol(entry->d_name, &end, 10);
+            if (pid <= 0 || *end != '\0' || pid == pgid) continue;
+            char path[64];
+            std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+            const Fd fd(::open(path, O_RDONLY | O_CLOEXEC));
+            if (!fd) continue;
+            char buf[512];
+            const ssize_t n = ::read(fd.get(), buf, sizeof buf - 1);
+            if (n <= 0) continue;
+            buf[n] = '\0';
+            const char* close = std::strrchr(buf, ')');  // the name may hold anything
+            int ppid = 0;
+            int pgrp = 0;
+            char state = 0;
+            if (close == nullptr || std::sscanf(close + 1, " %c %d %d", &state, &ppid, &pgrp) != 3) continue;
+            if (ppid == self && pgrp == pgid) strays.push_back(static_cast<pid_t>(pid));
+        }
+    } catch (...) {
+    }
+    ::closedir(dir);
+    for (const pid_t pid : strays) {
+        bool owned = false;
+        for (const Group* g : live_groups())
+            for (const auto& other : g->slots_)
+                if (other.pid == pid && other.live()) owned = true;
+        if (!owned && unreaped_child(pid)) Reaper::take_locked(pid, Fd(), false);
+    }
 }
 
 void Group::hand_off_locked(int rank) {
@@ -835,6 +881,11 @@ bool Group::send_signal(int rank, int sig, bool group) {
 void Group::begin_stop() noexcept {
     std::lock_guard<std::mutex> lock(engine_mutex());
     stopping_ = true;
+}
+
+void Group::set_reap_strays(bool on) noexcept {
+    std::lock_guard<std::mutex> lock(engine_mutex());
+    reap_strays_ = on;
 }
 
 StopReport Group::stop(double grace, int sig, double kill_wait, const InterruptCheck& interrupted) {

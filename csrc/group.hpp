@@ -122,6 +122,12 @@ public:
     // From now on, reaping a child first SIGKILLs what is left in its process group.
     void begin_stop() noexcept;
 
+    // For the zygote's group: when one of its children is reaped and its process group
+    // killed, children of *this process* still in that group that no group owns (forks of
+    // the zygote killed before they announced themselves, left out of any reply) are
+    // handed to the engine's reaper, so they never stay zombies.
+    void set_reap_strays(bool on) noexcept;
+
     // The one stop: (1) begin_stop; (2) adopt pending ranks (at most
     // min(kill_wait, 1) s); (3) with grace > 0 and sig != 0, `sig` to every live child
     // (pidfd) and up to `grace` s for all to exit: `interrupted` returning true cuts
@@ -166,6 +172,7 @@ private:
     // The *_locked members run with the engine lock held.
     void attach_locked(int rank, pid_t pid, Fd result, bool announcing, bool guarded);
     bool signal_locked(Slot& s, int sig, bool group) noexcept;
+    void reap_strays_locked(pid_t pgid) noexcept;
     void reap_locked(int rank);
     void hand_off_locked(int rank);
     void finish_locked(int rank, std::optional<int> exitcode);
@@ -185,6 +192,7 @@ private:
     bool use_pidfd_;
     bool stopping_ = false;
     bool abandoned_ = false;
+    bool reap_strays_ = false;
 };
 
 }  // namespace fastspawn

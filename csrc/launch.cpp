@@ -333,7 +333,9 @@ const char* zygote_fork_check() noexcept {
 }
 
 bool enter_child(const ChildFds& fds) noexcept {
-    ::setpgid(0, 0);
+    // The group move comes last: until the caller knows this pid (the announcement), the
+    // child stays in the zygote's process group, where the caller's engine finds it (and
+    // reaps it) should it die before announcing itself (see Group::set_reap_strays).
     for (const auto& [from, to] : fds.dup2s) {
         if (to < 0 || to > 2) {  // any other target would be an inheritable fd
             errno = EBADF;
@@ -352,6 +354,7 @@ bool enter_child(const ChildFds& fds) noexcept {
         data += n;
         left -= static_cast<std::size_t>(n);
     }
+    ::setpgid(0, 0);
     return true;
 }
 

@@ -66,10 +66,11 @@ pid_t zygote_fork(pid_t owner);
 // registered), else why not. A zygote that gets a reason is unfit.
 const char* zygote_fork_check() noexcept;
 
-// What a new zygote child does before any Python code runs in it, in this order: move
-// into a process group of its own, dup2 each (source, target) pair (targets 0..2 only:
-// the only fds that lose close-on-exec), close `close_fds`, then write its pid (native
-// int32) to `announce_fd`, from which the caller adopts it.
+// What a new zygote child does before any Python code runs in it, in this order: dup2
+// each (source, target) pair (targets 0..2 only: the only fds that lose close-on-exec),
+// close `close_fds`, write its pid (native int32) to `announce_fd`, from which the caller
+// adopts it, then move into a process group of its own (last: a child that dies before
+// announcing itself is still in the zygote's group, where the caller's engine reaps it).
 struct ChildFds {
     int announce_fd = -1;
     std::vector<std::pair<int, int>> dup2s;

@@ -859,6 +859,22 @@ def test_a_child_failing_before_it_announces_itself_is_still_supervised(fresh_zy
 
 
 @pytest.mark.timeout(60)
+def test_a_child_dying_unannounced_when_the_zygote_dies_unanswered_is_reaped(fresh_zygote, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    fastspawn.preload(["_zygote_dies_unanswered"])
+    _warm_start()  # one rank: nothing fails
+    before = set(_children())
+    # Rank 1 exits before announcing itself and the zygote dies before its reply: rank 0
+    # is adopted from its announcement and stopped; rank 1 is found in the zygote's
+    # process group when the zygote is reaped, and reaped too (no zombie of ours left).
+    with pytest.raises(fastspawn.ZygoteError):
+        fastspawn.spawn(workers.exit_now, nprocs=2)
+    assert _left_behind(before) == [], _describe(_left_behind(before, 0))
+    fastspawn.preload([])
+    _works_again(2)
+
+
+@pytest.mark.timeout(60)
 def test_a_zygote_crashing_at_start_up_is_not_started_again(fresh_zygote, monkeypatch, tmp_path):
     log = tmp_path / "zygotes"
     monkeypatch.setenv("FASTSPAWN_TEST_CALLER", str(os.getpid()))

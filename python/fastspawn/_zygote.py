@@ -630,6 +630,7 @@ class Zygote:
         self.key = key
         self.lock = threading.Lock()  # one request at a time; only bounded waits under it
         self.group = _core.Group(1, use_pidfd)
+        self.group.set_reap_strays(True)  # its forks that die unannounced are ours to reap
         self.pid = -1
         self.unfit: Optional[str] = None
         self.retired = False
