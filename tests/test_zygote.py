@@ -844,34 +844,27 @@ def test_every_fd_of_the_zygote_and_of_a_rank_is_close_on_exec(fresh_zygote):
 
 
 @pytest.mark.timeout(60)
-def test_a_child_failing_before_it_announces_itself_is_still_supervised(fresh_zygote, monkeypatch):
+@pytest.mark.parametrize("zygote_dies", [False, True], ids=["zygote-replies", "zygote-dies-unanswered"])
+def test_a_child_failing_before_it_announces_itself_is_still_supervised(fresh_zygote, monkeypatch, zygote_dies):
     monkeypatch.syspath_prepend(TESTS_DIR)
-    fastspawn.preload(["_zygote_enter_fails"])
+    fastspawn.preload(["_zygote_dies_unanswered" if zygote_dies else "_zygote_enter_fails"])
     _warm_start()  # one rank: nothing fails
     before = set(_children())
-    # Rank 1 exits in enter_child without announcing itself: the reply's pid makes it a
-    # rank like any other (its exit is seen and reaped), not an unknown zombie.
-    with pytest.raises(fastspawn.ProcessExitedException) as failure:
-        fastspawn.spawn(workers.exit_now, nprocs=2)
-    assert (failure.value.error_index, failure.value.exit_code) == (1, 1)
-    assert _left_behind(before) == []
-    _works_again(1)
-
-
-@pytest.mark.timeout(60)
-def test_a_child_dying_unannounced_when_the_zygote_dies_unanswered_is_reaped(fresh_zygote, monkeypatch):
-    monkeypatch.syspath_prepend(TESTS_DIR)
-    fastspawn.preload(["_zygote_dies_unanswered"])
-    _warm_start()  # one rank: nothing fails
-    before = set(_children())
-    # Rank 1 exits before announcing itself and the zygote dies before its reply: rank 0
-    # is adopted from its announcement and stopped; rank 1 is found in the zygote's
-    # process group when the zygote is reaped, and reaped too (no zombie of ours left).
-    with pytest.raises(fastspawn.ZygoteError):
-        fastspawn.spawn(workers.exit_now, nprocs=2)
+    # Rank 1 exits in enter_child without announcing itself. When the zygote replies, the
+    # reply's pid makes it a rank like any other (its exit is seen and reaped). When the
+    # zygote dies before replying, rank 0 is adopted from its announcement and stopped,
+    # and rank 1 is found in the zygote's process group when the zygote is reaped, and
+    # reaped too. Either way no unknown zombie of ours is left.
+    if zygote_dies:
+        with pytest.raises(fastspawn.ZygoteError):
+            fastspawn.spawn(workers.exit_now, nprocs=2)
+    else:
+        with pytest.raises(fastspawn.ProcessExitedException) as failure:
+            fastspawn.spawn(workers.exit_now, nprocs=2)
+        assert (failure.value.error_index, failure.value.exit_code) == (1, 1)
     assert _left_behind(before) == [], _describe(_left_behind(before, 0))
     fastspawn.preload([])
-    _works_again(2)
+    _works_again(1)
 
 
 @pytest.mark.timeout(60)
