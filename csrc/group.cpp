@@ -614,14 +614,10 @@ std::vector<int> Group::adopt(double timeout, const InterruptCheck& interrupted)
                     attach_locked(rank, announced, std::move(s.pending), false, false);
                     adopted.push_back(rank);
                 } else {
-                    s.pending.reset();
-                    s.control.reset();
-                    s.output.clear();
+                    s.drop_pending();
                 }
             } else if (eof) {
-                s.pending.reset();  // never started
-                s.control.reset();
-                s.output.clear();
+                s.drop_pending();  // never started
             }
         }
     }
@@ -633,9 +629,7 @@ bool Group::adopt_pid(int rank, pid_t pid) {
     if (s.pid != -1) return s.pid == pid;  // adopted already (its announcement came first)
     if (!s.pending) return false;           // dropped, or no channels opened
     if (!ours_or_gone(pid)) {
-        s.pending.reset();
-        s.control.reset();
-        s.output.clear();
+        s.drop_pending();
         return false;
     }
     attach_locked(rank, pid, std::move(s.pending), true, false);
@@ -646,10 +640,7 @@ void Group::drop_pending(int rank) noexcept {
     std::lock_guard<std::mutex> lock(engine_mutex());
     if (rank < 0 || rank >= size()) return;
     Slot& s = slots_[static_cast<std::size_t>(rank)];
-    if (s.pid != -1) return;
-    s.pending.reset();
-    s.control.reset();
-    s.output.clear();
+    if (s.pid == -1) s.drop_pending();
 }
 
 bool Group::any_pending() const {

@@ -164,6 +164,12 @@ private:
         std::optional<int> exitcode;
 
         int exit_fd() const noexcept { return event ? event.get() : pidfd.get(); }
+        // A pending rank given up (never started, not ours): its pipes closed.
+        void drop_pending() noexcept {
+            pending.reset();
+            control.reset();
+            output.clear();
+        }
         bool live() const noexcept { return pid > 0 && !ended; }
     };
 

@@ -167,10 +167,7 @@ class _Run:
         by another thread meanwhile count too."""
         if known is None:
             known = len(self.exit_order)
-        if watch:
-            self._absorb(self.group.wait(timeout, False, known, watch=list(watch)))
-        else:
-            self._absorb(self.group.wait(timeout, False, known))
+        self._absorb(self.group.wait(timeout, False, known, watch=list(watch)))
 
     def wait_all(self, timeout: Optional[float]) -> None:
         self._absorb(self.group.wait(timeout, True, len(self.exit_order)))

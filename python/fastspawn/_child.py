@@ -149,10 +149,16 @@ def _keep_to_ourselves(*fds: Optional[int]) -> None:
             os.set_inheritable(fd, False)
 
 
+def _report_exit(result_fd: int, code: int) -> None:
+    """The rank's last record: ``code``, or -SIGINT after an interrupted call that owed a
+    value (the rank then ends by SIGINT)."""
+    _payload.write_exit(result_fd, -signal.SIGINT if _interrupted else code)
+
+
 def _end(result_fd: int, code: int) -> NoReturn:
     """The last steps of a forked rank: the exit record, then ``os._exit(code)`` (or death
     by SIGINT after an interrupted call that owed a value, as an interpreter ends)."""
-    _payload.write_exit(result_fd, -signal.SIGINT if _interrupted else code)
+    _report_exit(result_fd, code)
     if _interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
@@ -218,7 +224,8 @@ def run_forked(
     multiprocessing's fork children, without them. ``process``, ``stdin``: see
     :func:`_bootstrap`.
     """
-    _keep_to_ourselves(control_fd, result_fd, spec.tracker_fd)
+    # Its fds are close-on-exec already: a fork's pipes are made O_CLOEXEC, a zygote's
+    # are received with MSG_CMSG_CLOEXEC and its tracker fd set once in the zygote.
     code = 1
     try:
         call = load()
@@ -271,7 +278,7 @@ def main() -> None:
         sys.stderr.flush()
         _end(result_fd, 1)
     code = _bootstrap(spec, call, control_fd, result_fd)
-    _payload.write_exit(result_fd, -signal.SIGINT if _interrupted else code)
+    _report_exit(result_fd, code)
     if _interrupted:  # the interpreter itself ends by SIGINT, after its usual shutdown
         sys.excepthook = lambda *exc_info: None  # the traceback went to the parent
         raise KeyboardInterrupt

@@ -49,7 +49,6 @@ not import torch.
 from __future__ import annotations
 
 import faulthandler
-import importlib
 import logging
 import multiprocessing
 import os
@@ -280,10 +279,8 @@ def stop_ranks(run: Any, grace: float) -> Tuple[List[int], List[int]]:
     Returns ``(killed, unstoppable)``: the ranks that got SIGKILL, and those of them still
     running when it returned (frozen, stuck in the kernel: fastspawn's reaper collects
     them when they exit)."""
-    core = importlib.import_module("._core", __package__)
     killed: List[int] = run.stop(grace, signal.SIGTERM)
-    unstoppable = [rank for rank in killed if core.child_running(run.group.pid(rank))]
-    return killed, unstoppable
+    return killed, [rank for rank in killed if rank in run.abandoned]
 
 
 # ------------------------------------------------------------------------ rank side
