@@ -60,9 +60,11 @@ class ErrorHandler:
             warnings.warn(f"Unable to write error to file. {type(exc).__name__}: {exc}", stacklevel=2)
 
     def record_exception(self, e: BaseException) -> None:
-        """Write ``e`` (type, message, the traceback being handled, time) to the error file.
+        """Write ``e`` (type, message, its traceback, time) to the error file.
 
-        Call it from an ``except`` block: the traceback is the one currently handled.
+        Call it from an ``except`` block. The traceback is ``e.__traceback__``, which is
+        the handled one unless the handler replaced it (``with_traceback``): that choice
+        also holds on Python < 3.11, where ``sys.exc_info()`` kept the original.
         """
         path = self._get_error_file_path()
         if not path:
@@ -73,7 +75,7 @@ class ErrorHandler:
             "message": {
                 "message": f"{type(e).__name__}: {e}",
                 "extraInfo": {
-                    "py_callstack": traceback.format_exc(),
+                    "py_callstack": "".join(traceback.format_exception(type(e), e, e.__traceback__)),
                     "timestamp": str(int(time.time())),
                 },
             }

@@ -374,6 +374,16 @@ class _ConfigView:
     def has_plugin(self, name: str) -> bool:
         return False
 
+    def get_terminal_writer(self) -> Any:
+        """A writer without markup: pytest 8 highlights diffs through it (plain text here)."""
+        import io
+
+        from _pytest._io import TerminalWriter
+
+        writer = TerminalWriter(io.StringIO())
+        writer.hasmarkup = False
+        return writer
+
     def get_verbosity(self, verbosity_type: Optional[str] = None) -> int:
         return self._verbosity.get(verbosity_type, self._verbosity.get(None, 0))
 

@@ -88,6 +88,11 @@ class ZygoteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- wire
+# What a socket operation past its deadline raises: socket.timeout is TimeoutError from
+# Python 3.10 on, an OSError of its own on 3.9.
+_TIMED_OUT = (TimeoutError, socket.timeout)
+
+
 def _limit(sock: socket.socket, deadline: Optional[float]) -> None:
     """The socket's next operation may last until ``deadline`` (None: no limit)."""
     if deadline is None:
@@ -660,7 +665,7 @@ class Zygote:
         except BaseException as exc:
             reason = None
             try:
-                if isinstance(exc, TimeoutError):
+                if isinstance(exc, _TIMED_OUT):
                     reason = self._stuck(f"did not finish starting within {timeout:g} s", "its import is stuck at")
                 elif isinstance(exc, (OSError, EOFError)):
                     reason = f"the zygote (pid {self.pid}) died while starting up ({self._ending()})"
@@ -834,7 +839,7 @@ class Zygote:
                     raise
                 reason = None
                 try:
-                    if isinstance(exc, TimeoutError):
+                    if isinstance(exc, _TIMED_OUT):
                         reason = self._stuck(f"did not answer within {timeout:g} s", "it is stuck at")
                 finally:
                     self._abandon(group)
