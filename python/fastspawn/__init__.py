@@ -43,7 +43,7 @@ def __getattr__(name: str) -> "object":
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     return __all__
 
 
@@ -59,18 +59,23 @@ def _patch_torch_if_asked() -> None:
 _patch_torch_if_asked()
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # "x as x": exported names for type checkers (strict: no implicit re-export)
     from ._api import (
-        ENV_VAR_PARALLEL_START,
-        ProcessContext,
-        SpawnContext,
-        SpawnedProcess,
-        preload,
-        spawn,
-        start_processes,
-        warmup,
+        ENV_VAR_PARALLEL_START as ENV_VAR_PARALLEL_START,
+        ProcessContext as ProcessContext,
+        SpawnContext as SpawnContext,
+        SpawnedProcess as SpawnedProcess,
+        preload as preload,
+        spawn as spawn,
+        start_processes as start_processes,
+        warmup as warmup,
     )
-    from ._run import run
-    from ._errors import ProcessException, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
-    from ._patch import patch_torch, unpatch_torch
-    from ._zygote import ZygoteError
+    from ._run import run as run
+    from ._errors import (
+        ProcessException as ProcessException,
+        ProcessExitedException as ProcessExitedException,
+        ProcessRaisedException as ProcessRaisedException,
+        UnknownExitStatus as UnknownExitStatus,
+    )
+    from ._patch import patch_torch as patch_torch, unpatch_torch as unpatch_torch
+    from ._zygote import ZygoteError as ZygoteError

@@ -19,7 +19,7 @@ import weakref
 from multiprocessing import resource_tracker
 from multiprocessing import spawn as mp_spawn
 from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple
 
 from . import _child, _core, _payload, _zygote
 from ._errors import UNKNOWN_STATUS_TEXT, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
@@ -49,7 +49,7 @@ class _Zygotes:
         self.lock = threading.Lock()
         self.current: Optional[_zygote.Zygote] = None
         self.preload: List[str] = []
-        self.warned: set = set()
+        self.warned: Set[Tuple[Any, str]] = set()
 
     def get(self, preparation: Dict[str, Any]) -> Optional[_zygote.Zygote]:
         key = _zygote.staleness_key(preparation, self.preload)
@@ -440,7 +440,7 @@ class ProcessContext:
                 self.processes[rank].pid,
             )
 
-    def _raise_failure(self, run: _Run, error_index: int) -> None:
+    def _raise_failure(self, run: _Run, error_index: int) -> NoReturn:
         pid = self.processes[error_index].pid
         record = self._record(error_index)
         if record is not None and record.kind == "error":
@@ -587,7 +587,7 @@ def _start_fresh(
 
 def launch(
     fn: Callable[..., Any],
-    args: tuple = (),
+    args: Tuple[Any, ...] = (),
     nprocs: int = 1,
     *,
     start_method: str = "spawn",
@@ -640,7 +640,7 @@ def launch_programs(
     count = len(argvs)
     _check_per_rank("envs", envs, count)
     _check_per_rank("stdio", stdio, count)
-    resolved = []
+    resolved: List[str] = []
     for argv in argvs:
         if not argv:
             raise ValueError("each program needs a non-empty argv")
@@ -682,11 +682,14 @@ def _tracker_fd() -> int:
     process on every call; when the tracker is our own child, asking the engine whether
     it is still running is enough (it never reaps it: multiprocessing does).
     """
-    tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
-    fd, pid = tracker._fd, tracker._pid
+    tracker = resource_tracker._resource_tracker
+    fd, pid = tracker._fd, tracker._pid  # type: ignore[attr-defined]
     if fd is not None and pid is not None and _core.child_running(pid):
         return int(fd)
-    return int(resource_tracker.getfd())
+    started = resource_tracker.getfd()
+    if started is None:  # getfd() starts the tracker or raises
+        raise RuntimeError("multiprocessing's resource tracker did not start")
+    return started
 
 
 def _process_names(start_method: str, count: int) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -694,7 +697,7 @@ def _process_names(start_method: str, count: int) -> List[Tuple[str, Tuple[int, 
     ``start_method`` (e.g. ``SpawnProcess-3``, ``(3,)``), drawn from its own counter, as
     torch's children get them."""
     kind = type(multiprocessing.get_context(start_method)).Process.__name__  # type: ignore[attr-defined]
-    base = multiprocessing.current_process()._identity  # type: ignore[attr-defined]
+    base = multiprocessing.current_process()._identity
     counter = multiprocessing.process._process_counter  # type: ignore[attr-defined]
     names = []
     for _ in range(count):
@@ -705,7 +708,7 @@ def _process_names(start_method: str, count: int) -> List[Tuple[str, Tuple[int, 
 
 def _launch(
     fn: Callable[..., Any],
-    args: tuple,
+    args: Tuple[Any, ...],
     nprocs: int,
     daemon: bool,
     start_method: str,
@@ -777,7 +780,7 @@ def _launch(
 
 def start_processes(
     fn: Callable[..., Any],
-    args: tuple = (),
+    args: Tuple[Any, ...] = (),
     nprocs: int = 1,
     join: bool = True,
     daemon: bool = False,
@@ -809,7 +812,7 @@ def start_processes(
 
 def spawn(
     fn: Callable[..., Any],
-    args: tuple = (),
+    args: Tuple[Any, ...] = (),
     nprocs: int = 1,
     join: bool = True,
     daemon: bool = False,

@@ -118,7 +118,7 @@ def _bootstrap(
     proc = process if process is not None else make_process(spec)
     proc._args = (fn, spec.rank, args, result_fd, spec.return_value, stdin)
     if stdin is not None:
-        sys.stdin = None  # type: ignore[assignment]
+        sys.stdin = None
     return int(proc._bootstrap(parent_sentinel=control_fd))
 
 
@@ -197,7 +197,7 @@ def _rebind_stream(target: int) -> None:
     # them, as pytest does): make them write where this rank's output now goes.
     name = {1: "stdout", 2: "stderr"}.get(target)
     stream = getattr(sys, name, None) if name else None
-    if stream is None:
+    if name is None or stream is None:
         return
     try:
         if stream.fileno() == target:

@@ -22,7 +22,13 @@ import os
 import signal
 import socket
 import sys
-from typing import Callable, Dict, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Set, Tuple
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Set, Tuple, Type,
+    Union,
+)
+
+if TYPE_CHECKING:
+    from .elastic import PContext
 
 __all__ = ["main", "run_rank", "expand_hostlist", "script_imports", "NodeLayout", "rank_envs"]
 
@@ -240,7 +246,9 @@ def expand_hostlist(text: str) -> List[str]:
 
 
 def _split_outside_brackets(text: str) -> List[str]:
-    items, depth, current = [], 0, []
+    items: List[str] = []
+    current: List[str] = []
+    depth = 0
     for char in text:
         if char == "[":
             depth += 1
@@ -660,7 +668,7 @@ def serve_agent_store(_index: int, listener: socket.socket, ready: object, host:
 
     import torch.distributed as dist
 
-    store = dist.TCPStore(host, port, None, True, timedelta(minutes=30), wait_for_workers=False,
+    store = dist.TCPStore(host, port, None, True, timedelta(minutes=30), wait_for_workers=False,  # type: ignore[attr-defined]  # implicit re-export
                           master_listen_fd=listener.fileno(), use_libuv=True)
     ready.send_bytes(b"ready")  # type: ignore[attr-defined]
     ready.close()  # type: ignore[attr-defined]
@@ -783,8 +791,10 @@ def run(plan: Plan) -> int:
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun: N ranks must not each take every core
     modules: List[str] = []
+    rank_args: Dict[int, Tuple[Any, ...]]
     if target.kind == "program":
-        entrypoint: object = plan.program
+        assert plan.program is not None  # resolved for kind "program"
+        entrypoint: Union[Callable[..., Any], str] = plan.program
         rank_args = {i: target.args for i in range(nproc)}
     else:
         modules = _prepare_python_ranks(plan)
@@ -803,7 +813,7 @@ def run(plan: Plan) -> int:
     prefixes = _line_prefixes(layout, os.environ)
     agent_store = _uses_torch(modules)
     fixed_port = options.master_port is not None or layout.nnodes > 1
-    context: Optional[object] = None
+    context: Optional[PContext] = None
     store: Optional[AgentStore] = None
     attempt = 0
     try:
@@ -819,17 +829,17 @@ def run(plan: Plan) -> int:
             elif attempt and not fixed_port:
                 layout = layout._replace(master_port=free_port())
             envs = dict(enumerate(rank_envs(layout, attempt, options.max_restarts, os.environ)))
-            context = start_processes(ROLE, entrypoint, rank_args, envs, logs_specs,  # type: ignore[arg-type]
+            context = start_processes(ROLE, entrypoint, rank_args, envs, logs_specs,
                                       log_line_prefixes=prefixes, start_method=options.start_method)
             # The stop after a rank's failure (wait() calls close()) gets our grace too.
-            context.close = functools.partial(context.close, timeout=options.shutdown_timeout)  # type: ignore[attr-defined]
+            context.close = functools.partial(context.close, timeout=options.shutdown_timeout)  # type: ignore[method-assign]
             if store is not None and not store.serve(options.start_method):
                 # These ranks were told to use the store: the same attempt again, without it.
                 _stop(context, options.shutdown_timeout, SignalException)
                 context = store = None
                 agent_store = False
                 continue
-            result = context.wait()  # type: ignore[attr-defined]
+            result = context.wait()
             assert result is not None
             context = None
             if store is not None:
@@ -857,16 +867,16 @@ def run(plan: Plan) -> int:
             store.stop()
 
 
-def _stop(context: object, grace: float, interrupted: type) -> None:
+def _stop(context: PContext, grace: float, interrupted: Type[BaseException]) -> None:
     """Close the context: SIGTERM, SIGKILL after ``grace`` s (then at most KILL_WAIT s for
     the ranks to die). A signal meanwhile cuts the grace short (the ranks get SIGKILL at
     once); further signals are then ignored while the logs are written out."""
     try:
-        context.close(death_sig=signal.SIGTERM, timeout=grace)  # type: ignore[attr-defined]
+        context.close(death_sig=signal.SIGTERM, timeout=grace)
     except interrupted:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        context.close(death_sig=signal.SIGKILL, timeout=0)  # type: ignore[attr-defined]
+        context.close(death_sig=signal.SIGKILL, timeout=0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """Types of fastspawn's native engine (csrc/bindings.cpp); tests/test_core_stub.py checks
 that this file and the compiled module name the same things with the same parameters."""
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Literal, Optional, Sequence, Tuple, Union, overload
 
 PARENT_DEATH_SIGNAL: int
 KILL_WAIT: float
@@ -14,6 +14,18 @@ ChildFdPlan = Tuple[int, Sequence[Tuple[int, int]], Sequence[int]]
 def pidfd_supported() -> bool: ...
 def arm_parent_death(owner: int) -> bool: ...
 def child_running(pid: int) -> bool: ...
+# (index of the child this process became or -1, children forked, errno of a failed fork),
+# and with pids=True the forked children's pids. The last overload is the whole signature
+# (the one tests/test_core_stub.py compares with the module's).
+@overload
+def zygote_fork_many(
+    owner: int, children: Sequence[ChildFdPlan], deferred: int = -1, *, pids: Literal[False] = False
+) -> Tuple[int, int, int]: ...
+@overload
+def zygote_fork_many(
+    owner: int, children: Sequence[ChildFdPlan], deferred: int = -1, *, pids: Literal[True]
+) -> Tuple[int, int, int, List[int]]: ...
+@overload
 def zygote_fork_many(
     owner: int, children: Sequence[ChildFdPlan], deferred: int = -1, *, pids: bool = False
 ) -> Union[Tuple[int, int, int], Tuple[int, int, int, List[int]]]: ...

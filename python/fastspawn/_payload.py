@@ -105,7 +105,7 @@ def dumps_call(fn: Callable[..., Any], args: Sequence[Any], plain: bool = False)
         except Exception:
             pass  # said again below, with the culprit named
     popen = SpawningPopen()
-    mp_context.set_spawning_popen(popen)
+    mp_context.set_spawning_popen(popen)  # type: ignore[arg-type]  # a stand-in for its Popen
     try:
         try:
             return _dumps((fn, tuple(args))), popen.fds
@@ -159,7 +159,7 @@ def _by_name(obj: Any) -> bool:
 
 def dumps_preparation(data: Any) -> bytes:
     """Pickle multiprocessing's preparation data (it holds the authkey: spawning only)."""
-    mp_context.set_spawning_popen(SpawningPopen())
+    mp_context.set_spawning_popen(SpawningPopen())  # type: ignore[arg-type]  # a stand-in for its Popen
     try:
         return _dumps(data)
     finally:
@@ -167,7 +167,7 @@ def dumps_preparation(data: Any) -> bytes:
 
 
 def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[str]:
-    candidates = [(f"fn={fn!r}", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
+    candidates: List[Tuple[str, Any]] = [(f"fn={fn!r}", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
     for label, obj in candidates:
         try:
             _dumps(obj)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from . import _api
 
@@ -12,7 +12,7 @@ __all__ = ["run"]
 def run(
     fn: Callable[..., Any],
     nprocs: int,
-    args: tuple = (),
+    args: Tuple[Any, ...] = (),
     *,
     start_method: str = "spawn",
     envs: Optional[Sequence[Mapping[str, str]]] = None,

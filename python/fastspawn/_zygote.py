@@ -42,7 +42,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import _child, _core, _payload
 
@@ -346,13 +346,13 @@ def _set_aside_inherited_finalizers() -> None:
             info = registry.pop(fin)
             info.atexit = False
             fin.__class__ = _InheritedFinalize
-            _InheritedFinalize._registry[fin] = info  # type: ignore[attr-defined]
+            _InheritedFinalize._registry[fin] = info
     finally:
         if enabled:
             gc.enable()
 
 
-class _InheritedFinalize(weakref.finalize):
+class _InheritedFinalize(weakref.finalize):  # type: ignore[type-arg]  # not subscriptable at run time
     """Finalizers made by the zygote's imports, in a registry of their own."""
 
     __slots__ = ()
@@ -782,7 +782,7 @@ class Zygote:
         tracker_fd: Optional[int],
         fn_module: Optional[str],
         owner: int,
-        rank_env: Optional[Sequence[Dict[str, str]]] = None,
+        rank_env: Optional[Sequence[Mapping[str, str]]] = None,
         rank_stdio: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
         plain: bool = False,
     ) -> Optional[str]:

@@ -29,7 +29,7 @@ the engine's result pipe. ``numa_options`` is not supported.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .api import (
     DefaultLogsSpecs,
@@ -37,7 +37,6 @@ from .api import (
     LogsSpecs,
     MultiprocessContext,
     PContext,
-    ProcessFailure,
     RunProcsResult,
     SignalException,
     Std,
@@ -45,6 +44,7 @@ from .api import (
     _validate_full_rank,
     to_map,
 )
+from .errors import ProcessFailure
 
 __all__ = [
     "start_processes",
@@ -64,8 +64,8 @@ __all__ = [
 
 def start_processes(
     name: str,
-    entrypoint: Union[Callable, str],
-    args: Dict[int, tuple],
+    entrypoint: Union[Callable[..., Any], str],
+    args: Dict[int, Tuple[Any, ...]],
     envs: Dict[int, Dict[str, str]],
     logs_specs: LogsSpecs,
     log_line_prefixes: Optional[Dict[int, str]] = None,

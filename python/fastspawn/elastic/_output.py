@@ -140,7 +140,7 @@ class RankStreams:
         self._tees: List[_Tee] = []
         self._thread: Optional[threading.Thread] = None
         self._wake_fd = -1  # write end of the reader's wake-up pipe
-        self._release_wake: Optional[weakref.finalize] = None
+        self._release_wake: Optional[weakref.finalize[[int], RankStreams]] = None
 
     def open(self, nprocs: int) -> List[StdioPair]:
         """Create the files and pipes; returns the (stdout_fd, stderr_fd) of each rank."""

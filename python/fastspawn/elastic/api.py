@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from enum import IntFlag
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Set, TextIO, Union
+from typing import Any, Callable, Dict, List, Optional, Set, TextIO, Tuple, Union
 
 from .. import _api, _core
 from .._elastic_child import RankCall
@@ -176,7 +176,7 @@ class DefaultLogsSpecs(LogsSpecs):
         tee: Union[Std, Dict[int, Std]] = Std.NONE,
         local_ranks_filter: Optional[Set[int]] = None,
     ) -> None:
-        self._cleanup: Optional[weakref.finalize] = None
+        self._cleanup: Optional[weakref.finalize[[str, int], DefaultLogsSpecs]] = None
         if log_dir != os.devnull:
             if not log_dir:
                 log_dir = tempfile.mkdtemp(prefix="torchelastic_")
@@ -339,7 +339,7 @@ class PContext(abc.ABC):
         self,
         name: str,
         entrypoint: Union[Callable[..., Any], str],
-        args: Dict[int, tuple],
+        args: Dict[int, Tuple[Any, ...]],
         envs: Dict[int, Dict[str, str]],
         logs_specs: LogsSpecs,
         log_line_prefixes: Optional[Dict[int, str]] = None,
@@ -413,7 +413,9 @@ class PContext(abc.ABC):
         except BaseException:
             self._streams.close()
             raise
-        self._streams.launched(self._pc._run.group)
+        run = self._pc._run
+        assert run is not None  # nprocs > 0
+        self._streams.launched(run.group)
 
     _twice_message = "The process context already initialized. Most likely the start method got called twice."
 
@@ -434,6 +436,7 @@ class PContext(abc.ABC):
             result = RunProcsResult(return_values={}, stdouts=self.stdouts, stderrs=self.stderrs)
         else:
             run = pc._run
+            assert run is not None
             run.poll()
             codes = run.exitcodes
             if any(codes[rank] not in (None, 0) for rank in run.exit_order):
@@ -495,7 +498,7 @@ class PContext(abc.ABC):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            assert self._pc is not None
+            assert self._pc is not None and self._pc._run is not None
             self._pc._run.wait_any(left)
 
     @abc.abstractmethod
@@ -564,7 +567,7 @@ class _Ranks(PContext):
         self,
         name: str,
         entrypoint: Union[Callable[..., Any], str],
-        args: Dict[int, tuple],
+        args: Dict[int, Tuple[Any, ...]],
         envs: Dict[int, Dict[str, str]],
         logs_specs: LogsSpecs,
         log_line_prefixes: Optional[Dict[int, str]] = None,
@@ -587,7 +590,7 @@ class MultiprocessContext(_Ranks):
         self,
         name: str,
         entrypoint: Callable[..., Any],
-        args: Dict[int, tuple],
+        args: Dict[int, Tuple[Any, ...]],
         envs: Dict[int, Dict[str, str]],
         start_method: str,
         logs_specs: LogsSpecs,
