@@ -314,6 +314,24 @@ def test_fork_does_not_pickle_fn_or_args():
     assert sorted(drain(queue, 2)) == [0, 10]
 
 
+def test_fork_children_end_as_multiprocessing_fork_children_do(tmp_path):
+    """How a fork child ends changed in Python 3.13: multiprocessing clears the caller's
+    atexit handlers in it, then runs atexit after the target (before, no atexit at all).
+    A queue's buffered puts are flushed either way. fastspawn's fork children do as this
+    Python's multiprocessing does: a handler the target registers runs exactly when it
+    runs in a multiprocessing fork child."""
+    mp = multiprocessing.get_context("fork")
+    reference = mp.Process(target=w.register_atexit, args=(0, str(tmp_path / "mp")))
+    reference.start()
+    reference.join(WAIT)
+    assert reference.exitcode == 0
+    queue = mp.Queue()
+    fastspawn.start_processes(w.register_atexit, (str(tmp_path / "fs"), queue), nprocs=2, start_method="fork")
+    ran = {rank: (tmp_path / f"fs.{rank}").exists() for rank in range(2)}
+    assert ran == {0: (tmp_path / "mp.0").exists(), 1: (tmp_path / "mp.0").exists()}
+    assert sorted(queue.get(timeout=WAIT) for _ in range(2)) == [0, 1]  # sent at exit
+
+
 @by_method
 def test_large_argument_payload(method):
     import hashlib

@@ -42,6 +42,14 @@ class ChildSpec(NamedTuple):
     return_value: bool = False  # send fn's return value back on the result pipe
 
 
+# multiprocessing's exit step (util._exit_function: flush queues' feeder threads, end
+# daemonic children) runs inside Process._bootstrap up to Python 3.12; from 3.13 on, a fork
+# child clears atexit, registers that step alone and runs atexit after _bootstrap. A fork
+# of the caller follows whichever its Python does.
+_mp_bootstrap = multiprocessing.process.BaseProcess._bootstrap  # type: ignore[attr-defined]
+_EXIT_STEP_IN_BOOTSTRAP = "_exit_function" in _mp_bootstrap.__code__.co_names
+
+
 # Set when the call ended by KeyboardInterrupt in a call that owes a return value: the
 # rank then ends as an interpreter does after an uncaught Ctrl-C, killed by SIGINT.
 _interrupted = False
@@ -227,6 +235,12 @@ def run_forked(
     # Its fds are close-on-exec already: a fork's pipes are made O_CLOEXEC, a zygote's
     # are received with MSG_CMSG_CLOEXEC and its tracker fd set once in the zygote.
     code = 1
+    if not run_atexit and not _EXIT_STEP_IN_BOOTSTRAP:
+        import atexit
+
+        atexit._clear()
+        atexit.register(multiprocessing.util._exit_function)  # type: ignore[attr-defined]
+        run_atexit = True
     try:
         call = load()
     except BaseException as exc:  # could not even get the call: say why, then exit
