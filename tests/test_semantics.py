@@ -24,6 +24,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -330,6 +331,39 @@ def test_fork_children_end_as_multiprocessing_fork_children_do(tmp_path):
     ran = {rank: (tmp_path / f"fs.{rank}").exists() for rank in range(2)}
     assert ran == {0: (tmp_path / "mp.0").exists(), 1: (tmp_path / "mp.0").exists()}
     assert sorted(queue.get(timeout=WAIT) for _ in range(2)) == [0, 1]  # sent at exit
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_fork_warns_of_threads_as_multiprocessing_does(threaded):
+    """Python 3.12+ warns (DeprecationWarning) at each fork of a multi-threaded process;
+    start method fork warns exactly when, and as often as, multiprocessing's does."""
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    if threaded:
+        thread.start()
+    try:
+        def forks_warn(start):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                start()
+            return [(w.category, str(w.message)) for w in caught if "multi-threaded" in str(w.message)]
+
+        def with_multiprocessing():
+            procs = [multiprocessing.get_context("fork").Process(target=w.noop, args=(i,)) for i in range(2)]
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join(WAIT)
+
+        expected = forks_warn(with_multiprocessing)
+        got = forks_warn(lambda: fastspawn.start_processes(w.noop, nprocs=2, start_method="fork"))
+    finally:
+        release.set()
+        if threaded:
+            thread.join(WAIT)
+    assert got == expected
+    if threaded:
+        assert len(got) == (2 if sys.version_info >= (3, 12) else 0)
 
 
 @by_method

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -31,6 +32,25 @@ ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
 log = logging.getLogger(__name__)
 
 START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def _warn_of_fork_with_threads(pid: int, forks: int) -> None:
+    """From Python 3.12 on, ``os.fork()`` in a process that has more than one thread warns
+    (DeprecationWarning, once per fork): so does start method fork, as multiprocessing's."""
+    if sys.version_info < (3, 12):
+        return
+    try:
+        threads = len(os.listdir("/proc/self/task"))  # every thread, native ones too
+    except OSError:
+        threads = threading.active_count()
+    if threads > 1:
+        for _ in range(forks):
+            warnings.warn(
+                f"This process (pid={pid}) is multi-threaded, use of fork() may lead to deadlocks in the child.",
+                DeprecationWarning,
+                stacklevel=1,
+            )
+
 
 # Seconds a child gets to exit after SIGINT (Ctrl-C during join) or SIGTERM (a context
 # collected while running, interpreter exit with daemon children) before SIGKILL.
@@ -738,6 +758,7 @@ def _launch(
     run: Optional[_Run] = None
     try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
         if start_method == "fork":
+            _warn_of_fork_with_threads(parent_pid, nprocs)  # before any fork: an error starts none
             run = _Run(nprocs, daemon)
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
