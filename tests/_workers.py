@@ -449,16 +449,3 @@ class Freezer:
                     raise
                 time.sleep(0.01)
 
-
-def register_atexit(rank, path, queue=None):
-    """Register an atexit handler that writes ``{path}.{rank}``; put ``rank`` on ``queue``
-    (a multiprocessing queue sends it from a feeder thread, flushed as the child ends)."""
-    import atexit
-
-    def write():
-        with open(f"{path}.{rank}", "w") as f:
-            f.write("atexit ran")
-
-    atexit.register(write)
-    if queue is not None:
-        queue.put(rank)

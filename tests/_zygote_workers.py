@@ -60,7 +60,9 @@ def sleep_forever(rank, ready):
     time.sleep(600)
 
 
-def register_atexit(rank, path):
+def register_atexit(rank, path, queue=None):
+    """Register an atexit handler that writes ``{path}.{rank}``; put ``rank`` on ``queue``
+    (a multiprocessing queue sends it from a feeder thread, flushed as the child ends)."""
     import atexit
 
     def write():
@@ -68,6 +70,8 @@ def register_atexit(rank, path):
             f.write("atexit ran")
 
     atexit.register(write)
+    if queue is not None:
+        queue.put(rank)
 
 
 def print_rank(rank):

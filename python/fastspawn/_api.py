@@ -36,7 +36,9 @@ START_METHODS = ("spawn", "fork", "forkserver")
 
 def _warn_of_fork_with_threads(pid: int, forks: int) -> None:
     """From Python 3.12 on, ``os.fork()`` in a process that has more than one thread warns
-    (DeprecationWarning, once per fork): so does start method fork, as multiprocessing's."""
+    (DeprecationWarning, once per fork): so does start method fork, as multiprocessing's.
+    As with ``os.fork()``, the warning never raises: one that filters make an error is
+    dropped."""
     if sys.version_info < (3, 12):
         return
     try:
@@ -45,11 +47,14 @@ def _warn_of_fork_with_threads(pid: int, forks: int) -> None:
         threads = threading.active_count()
     if threads > 1:
         for _ in range(forks):
-            warnings.warn(
-                f"This process (pid={pid}) is multi-threaded, use of fork() may lead to deadlocks in the child.",
-                DeprecationWarning,
-                stacklevel=1,
-            )
+            try:
+                warnings.warn(
+                    f"This process (pid={pid}) is multi-threaded, use of fork() may lead to deadlocks in the child.",
+                    DeprecationWarning,
+                    stacklevel=1,
+                )
+            except DeprecationWarning:
+                pass
 
 
 # Seconds a child gets to exit after SIGINT (Ctrl-C during join) or SIGTERM (a context
@@ -758,7 +763,7 @@ def _launch(
     run: Optional[_Run] = None
     try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
         if start_method == "fork":
-            _warn_of_fork_with_threads(parent_pid, nprocs)  # before any fork: an error starts none
+            _warn_of_fork_with_threads(parent_pid, nprocs)
             run = _Run(nprocs, daemon)
             for spec in specs:
                 pid, control_fd, result_fd = run.group.start_fork(spec.rank)
