@@ -1067,12 +1067,15 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
                         if received is not None:
                             outcomes[rank] = received
             errors = sorted(rank for rank, (kind, _) in outcomes.items() if kind == "error")
+            run.poll()
+            if run.exit_order:  # the cause, also of errors it made in other ranks
+                self._fail_rank_death(run, test_id, outcomes, list(run.exit_order))
+            left = start + timeout - time.monotonic()
+            if closed and left > 0:  # a rank is exiting: wait for its exit, then report it
+                run.wait_any(left, len(run.exit_order))
+                continue
             if errors or len(outcomes) == len(cls._channels):
                 break
-            run.poll()
-            if run.exit_order:
-                self._fail_rank_death(run, test_id, outcomes)
-            left = start + timeout - time.monotonic()
             if left <= 0:
                 self._fail_timeout(time.monotonic() - start, outcomes)
             watch = [c.fileno() for r, c in enumerate(cls._channels) if r not in outcomes and r not in closed]
@@ -1085,6 +1088,11 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
                 cls.__name__,
             )
             cls._stop_processes(0.0)
+            # A rank that was exiting by itself meanwhile (its exit not seen yet, its death
+            # maybe the cause of the error: a peer's collective fails) is that failure.
+            dead = [rank for rank in run.exit_order if rank not in outcomes and run.exitcodes[rank] != -signal.SIGKILL]
+            if dead:
+                self._fail_rank_death(run, test_id, outcomes, dead)
             text = "".join(
                 ("" if i == 0 else f"\n-- and in process {rank}:\n") + outcomes[rank][1]
                 for i, rank in enumerate(errors)
@@ -1105,13 +1113,14 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
                 return kind, text
         return None
 
-    def _fail_rank_death(self, run: Any, test_id: str, outcomes: Dict[int, Tuple[str, str]]) -> None:
-        """A rank exited during the test: fail it (exit code, stack at a fatal signal, the
-        rank's traceback if it raised), after stopping the others."""
+    def _fail_rank_death(
+        self, run: Any, test_id: str, outcomes: Dict[int, Tuple[str, str]], dead: List[int]
+    ) -> None:
+        """Ranks ``dead`` exited during the test: fail it (exit code, stack at a fatal
+        signal, the rank's traceback if it raised), after stopping the others."""
         from . import _payload
 
         cls = type(self)
-        dead = list(run.exit_order)
         stack_files = cls._stack_files
         cls._stop_processes(0.0)
         message = ""
@@ -1126,8 +1135,11 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
                 message += f"\n{record.traceback}"
             message += "\n"
         for rank in sorted(set(range(len(run.exitcodes))) - set(dead)):
-            state = "had finished the test" if rank in outcomes else "was stopped"
-            message += f"Process {rank} {state}\n"
+            kind, text = outcomes.get(rank, ("", ""))
+            if kind == "error":
+                message += f"Process {rank} failed meanwhile:\n{text}\n"
+            else:
+                message += f"Process {rank} {'had finished the test' if kind else 'was stopped'}\n"
         raise RuntimeError(message.rstrip("\n"))
 
     def _fail_timeout(self, elapsed: float, outcomes: Dict[int, Tuple[str, str]]) -> None:
