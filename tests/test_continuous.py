@@ -23,6 +23,17 @@ pytestmark = pytest.mark.timeout(600)
 TORCH_BASE = "from torch.testing._internal.common_distributed import MultiProcContinuousTest"
 FASTSPAWN_BASE = "from fastspawn.testing import MultiProcContinuousTest"
 
+# What a class needs to run gloo on CPU (in both modules below).
+GLOO_ON_CPU = """
+    @classmethod
+    def backend_str(cls):
+        return "gloo"
+
+    @classmethod
+    def device_type(cls):
+        return "cpu"
+"""
+
 # A torch-style class body: only the line BASE_IMPORT differs between the two copies run.
 # The module logs the pid of every process that imports it.
 TORCH_STYLE = """
@@ -42,14 +53,7 @@ with open(os.environ["IMPORT_LOG"], "a") as log:
 class Collectives(MultiProcContinuousTest):
     world_size = 2
 
-    @classmethod
-    def backend_str(cls):
-        return "gloo"
-
-    @classmethod
-    def device_type(cls):
-        return "cpu"
-
+GLOO_ON_CPU
     def test_a_all_reduce(self):
         tensor = torch.ones(4) * (self.rank + 1)
         dist.all_reduce(tensor)
@@ -82,7 +86,7 @@ class SkipInInit(MultiProcContinuousTest):
 
     def test_two(self):
         pass
-"""
+""".replace("\nGLOO_ON_CPU\n", GLOO_ON_CPU + "\n")
 
 
 def write_torch_style(directory: Path, name: str, base: str) -> Path:
@@ -179,10 +183,11 @@ import threading
 import torch
 import torch.distributed as dist
 
-import fastspawn.testing
+from torch.testing._internal.common_distributed import TIMEOUT_OVERRIDE
+
 from fastspawn.testing import MultiProcContinuousTest
 
-fastspawn.testing.TIMEOUT_OVERRIDE["test_a_hangs"] = 2
+TIMEOUT_OVERRIDE["test_a_hangs"] = 2  # torch's table, as a torch-style suite sets it
 
 
 def log_pid():
@@ -202,14 +207,7 @@ class Gloo(MultiProcContinuousTest):
     world_size = 2
     kill_grace_period = 2.0
 
-    @classmethod
-    def backend_str(cls):
-        return "gloo"
-
-    @classmethod
-    def device_type(cls):
-        return "cpu"
-
+GLOO_ON_CPU
     def all_reduce_works(self):
         log_pid()
         tensor = torch.ones(2) * (self.rank + 1)
@@ -261,6 +259,15 @@ class WorldSizeProperty(Gloo):
         self.assertEqual(tensor.item(), 3.0)
 
 
+class SkipInATest(Gloo):
+    def test_skip(self):
+        log_pid()
+        self.skipTest(f"not in rank {self.rank}")
+
+    def test_next(self):
+        self.all_reduce_works()
+
+
 class InitRaises(Gloo):
     @classmethod
     def _init_pg(cls, rank, world_size, rdvz_file):
@@ -272,7 +279,7 @@ class InitRaises(Gloo):
 
     def test_two(self):
         pass
-"""
+""".replace("\nGLOO_ON_CPU\n", GLOO_ON_CPU + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +330,13 @@ def test_world_size_as_a_property(behaviours):
     assert result == "passed", text
 
 
+def test_a_skip_in_a_test_skips_it_with_its_reason(behaviours):
+    # torch reports unittest.SkipTest raised in a rank as a failure of the test.
+    result, text = outcome(behaviours, "test_skip")
+    assert result == "skipped" and "not in rank 0" in text
+    assert outcome(behaviours, "test_next")[0] == "passed"
+
+
 def test_an_error_in_init_fails_each_test_with_the_ranks_traceback(behaviours):
     for test in ("test_one", "test_two"):
         result, text = outcome(behaviours, test)
@@ -332,7 +346,7 @@ def test_an_error_in_init_fails_each_test_with_the_ranks_traceback(behaviours):
 
 def test_nothing_is_left_behind(behaviours):
     _, pids, tmpdir = behaviours
-    assert len(set(pids)) >= 2 * 5 + 3  # every start of ranks logged
+    assert len(set(pids)) >= 2 * 6 + 3  # every start of ranks logged
     assert [pid for pid in pids if not pid_gone(pid)] == []
     assert left_in(tmpdir) == []  # the rendezvous directories are gone
 

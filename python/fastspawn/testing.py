@@ -40,7 +40,16 @@ The differences:
 - A skip inside a rank (``unittest.SkipTest``, or ``pytest.skip``) carries its reason to the
   parent, instead of torch's generic "look at subprocess log" message.
 
-The class is built on first access: its base is torch's own test ``TestCase``
+``MultiProcContinuousTest`` is the drop-in for torch's class of the same name: the ranks
+and their process group are started once per class (at its first test) and run every test
+of the class, each test's outcome sent back to the parent. Same attributes and hooks
+(``world_size``, ``rank``, ``backend_str()``, ``device_type()``, ``opts()``, ``_init_pg``,
+``timeout``, ``rdvz_file``, ``pg``, the ``TEST_SKIPS`` exit codes). Where torch skips the
+rest of the class after a failure or a timeout, this one fails that test (at a timeout
+with every rank's stack), stops the ranks and starts new ones for the next test; a rank
+that dies fails the test it was running, the same way.
+
+Both classes are built on first access: their base is torch's own test ``TestCase``
 (``torch.testing._internal.common_utils.TestCase``: tensor-aware ``assertEqual`` and the
 rest) when torch is installed, ``unittest.TestCase`` otherwise. Importing this module does
 not import torch.
@@ -132,8 +141,15 @@ _SEED = 1234
 
 
 def get_timeout(test_id: str) -> float:
-    """The timeout in seconds of the test ``test_id`` (``module.Class.test_name``)."""
-    return TIMEOUT_OVERRIDE.get(test_id.split(".")[-1], TIMEOUT_DEFAULT)
+    """The timeout in seconds of the test ``test_id`` (``module.Class.test_name``): its
+    entry in our ``TIMEOUT_OVERRIDE``, else in torch's if torch's test utilities are
+    loaded (a torch-style suite sets that one), else ``TIMEOUT_DEFAULT``."""
+    name = test_id.split(".")[-1]
+    if name in TIMEOUT_OVERRIDE:
+        return TIMEOUT_OVERRIDE[name]
+    torch_distributed = sys.modules.get("torch.testing._internal.common_distributed")
+    overrides = getattr(torch_distributed, "TIMEOUT_OVERRIDE", {})
+    return float(overrides.get(name, TIMEOUT_DEFAULT))
 
 
 def _skip_codes() -> Dict[int, Any]:
@@ -325,17 +341,66 @@ def _destroy_process_group() -> None:
         pass
 
 
-class _RankEntry:
-    """What each rank runs: ``test_class._run(rank, ...)`` with its own channels.
+# ----------------------------------------------------- both classes' test methods
+def _parent_or_rank(case: Any, fn: Callable[[], Any], in_parent: Callable[[], None]) -> Callable[[], Any]:
+    """``fn`` as a test method of ``case``: in the parent (rank ``MAIN_PROCESS_RANK``)
+    ``in_parent()`` runs instead (it waits for the ranks), in a rank ``fn`` itself."""
+
+    @wraps(fn)
+    def wrapper(self: Any) -> None:
+        if self.rank == self.MAIN_PROCESS_RANK:
+            in_parent()
+        else:
+            fn()
+
+    return types.MethodType(wrapper, case)
+
+
+def _test_method_name(method_name: str, methodName: str) -> str:
+    """torch's classes take the test's name positionally (``method_name``) and as
+    unittest's keyword (``methodName``)."""
+    return methodName if methodName != "runTest" else method_name
+
+
+def _wrap_test_method(
+    case: unittest.TestCase, method_name: str, methodName: str, wrap: Callable[[Callable[[], Any]], Any]
+) -> None:
+    """Replace the test method ``method_name`` of ``case`` by ``wrap(method)``; a missing
+    method is an error only when named explicitly (``methodName``)."""
+    try:
+        fn = getattr(case, method_name)
+    except AttributeError as exc:
+        if methodName != "runTest":
+            raise ValueError(f"no such test method in {case.__class__}: {methodName}") from exc
+    else:
+        setattr(case, method_name, wrap(fn))
+
+
+class _Entry:
+    """What each rank of a test class runs (subclasses say what).
 
     Its ``__module__`` is the test class's module, because fastspawn's zygote imports the
     module of the function it starts: so the test module (and torch with it) is imported
     once in the zygote, and each rank is only a fork.
     """
 
-    def __init__(self, test_class: Type[_MultiProcessTestCaseBase]) -> None:
+    def __init__(self, test_class: Any) -> None:
         self.test_class = test_class
         self.__module__ = test_class.__module__
+
+    @staticmethod
+    def _keep_own(rank: int, channels: Sequence[Any], stacks: Sequence[RankFile]) -> None:
+        """In rank ``rank``: close the other ranks' ends, and write stacks to its own
+        file at SIGTERM and fatal signals."""
+        for other, (channel, stack_file) in enumerate(zip(channels, stacks)):
+            if other != rank:
+                channel.close()
+                stack_file.close()
+        stacks[rank].dump_stacks_on_signals()
+
+
+class _RankEntry(_Entry):
+    """``test_class._run(rank, ...)`` (a MultiProcessTestCase test) with its own channels."""
 
     def __call__(
         self,
@@ -346,11 +411,7 @@ class _RankEntry:
         stacks: Sequence[RankFile],
         kwargs: Dict[str, Any],
     ) -> None:
-        for other, (message_file, stack_file) in enumerate(zip(messages, stacks)):
-            if other != rank:
-                message_file.close()
-                stack_file.close()
-        stacks[rank].dump_stacks_on_signals()
+        self._keep_own(rank, messages, stacks)
         self.test_class._run(rank, test_name, file_name, messages[rank].connection(), **kwargs)
 
 
@@ -392,27 +453,12 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
 
     def join_or_run(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """The test method as run: the parent joins the ranks, each rank runs ``fn``."""
-
-        @wraps(fn)
-        def wrapper(self: _MultiProcessTestCaseBase) -> None:
-            if self.rank == self.MAIN_PROCESS_RANK:
-                self._join_processes(fn)
-            else:
-                fn()
-
-        return types.MethodType(wrapper, self)
+        return _parent_or_rank(self, fn, lambda: self._join_processes(fn))
 
     def __init__(self, method_name: str = "runTest", methodName: str = "runTest") -> None:
-        if methodName != "runTest":  # unittest's keyword, and torch's positional name
-            method_name = methodName
+        method_name = _test_method_name(method_name, methodName)
         super().__init__(method_name)
-        try:
-            fn = getattr(self, method_name)
-        except AttributeError as exc:
-            if methodName != "runTest":
-                raise ValueError(f"no such test method in {self.__class__}: {methodName}") from exc
-        else:
-            setattr(self, method_name, self.join_or_run(fn))
+        _wrap_test_method(self, method_name, methodName, self.join_or_run)
 
     def setUp(self) -> None:
         super().setUp()
@@ -676,14 +722,9 @@ class _RankChannel:
         self.connection.send(result)
 
 
-class _ContinuousEntry:
-    """What each rank of a :class:`MultiProcContinuousTest` class runs: the class's
-    ``_worker_loop`` over its own channel. Like :class:`_RankEntry`, it carries the test
-    module's name, so the zygote imports the test module once."""
-
-    def __init__(self, test_class: Type[_MultiProcContinuousTestBase]) -> None:
-        self.test_class = test_class
-        self.__module__ = test_class.__module__
+class _ContinuousEntry(_Entry):
+    """The ranks of a :class:`MultiProcContinuousTest` class: its ``_worker_loop`` over
+    each rank's own channel."""
 
     def __call__(
         self,
@@ -693,11 +734,7 @@ class _ContinuousEntry:
         channels: Sequence[Connection],
         stacks: Sequence[RankFile],
     ) -> None:
-        for other, (channel, stack_file) in enumerate(zip(channels, stacks)):
-            if other != rank:
-                channel.close()
-                stack_file.close()
-        stacks[rank].dump_stacks_on_signals()
+        self._keep_own(rank, channels, stacks)
         queue = _RankChannel(channels[rank])
         self.test_class._worker_loop(rank, world_size, rdvz_file, queue, queue)
 
@@ -1007,16 +1044,9 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
 
     # -------------------------------------------------------------- parent: tests
     def __init__(self, method_name: str = "runTest", methodName: str = "runTest") -> None:
-        if methodName != "runTest":  # unittest's keyword, and torch's positional name
-            method_name = methodName
+        method_name = _test_method_name(method_name, methodName)
         super().__init__(method_name)
-        try:
-            fn = getattr(self, method_name)
-        except AttributeError as exc:
-            if methodName != "runTest":
-                raise ValueError(f"no such test method in {self.__class__}: {methodName}") from exc
-        else:
-            setattr(self, method_name, self._worker_run_main_wait(fn))
+        _wrap_test_method(self, method_name, methodName, self._worker_run_main_wait)
 
     def setUp(self) -> None:
         """Start the ranks if needed, and send them this test."""
@@ -1033,15 +1063,7 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
     def _worker_run_main_wait(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """The test method as run: the parent waits for every rank's outcome of this test,
         each rank runs ``fn``."""
-
-        @wraps(fn)
-        def wrapper(self: _MultiProcContinuousTestBase) -> None:
-            if self.rank == self.MAIN_PROCESS_RANK:
-                self._wait_for_ranks()
-            else:
-                fn()
-
-        return types.MethodType(wrapper, self)
+        return _parent_or_rank(self, fn, self._wait_for_ranks)
 
     def _wait_for_ranks(self) -> None:
         """In the parent: collect each rank's outcome of this test, at most ``get_timeout``
@@ -1172,7 +1194,7 @@ def _test_case_base() -> type:
             return unittest.TestCase
         warnings.warn(
             f"fastspawn.testing: torch's test utilities cannot be imported ({exc}); "
-            "MultiProcessTestCase is based on unittest.TestCase",
+            "its test classes are based on unittest.TestCase",
             RuntimeWarning,
             stacklevel=3,
         )
