@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 import pytest
+from _no_torch import env_without_torch
 from test_testing import pid_gone, run_pytest
 
 pytestmark = pytest.mark.timeout(600)
@@ -386,6 +387,7 @@ class Ranks(MultiProcContinuousTest):
 
     def test_log(self):
         log_pid()
+        assert "torch" not in sys.modules
 
     def test_keeps_running(self):
         log_pid()
@@ -408,7 +410,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("scenario", ["no_teardown", "rank_ignores_exit"])
 def test_ranks_and_files_are_gone_however_the_class_ends(tmp_path, scenario):
-    pytest.importorskip("torch")
+    # Run without torch (the class is then a unittest.TestCase): on every Python.
     (tmp_path / "left_running.py").write_text(LEFT_RUNNING)
     rank_log = tmp_path / "ranks.log"
     tmpdir = tmp_path / "tmp"
@@ -416,7 +418,7 @@ def test_ranks_and_files_are_gone_however_the_class_ends(tmp_path, scenario):
     result = subprocess.run(
         [sys.executable, "left_running.py", scenario],
         cwd=tmp_path,
-        env={**os.environ, "RANK_LOG": str(rank_log), "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"},
+        env={**env_without_torch(tmp_path), "RANK_LOG": str(rank_log), "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -425,4 +427,4 @@ def test_ranks_and_files_are_gone_however_the_class_ends(tmp_path, scenario):
     pids = [int(pid) for pid in rank_log.read_text().split()]
     assert len(pids) == 2
     assert [pid for pid in pids if not pid_gone(pid)] == []
-    assert left_in(tmpdir) == []
+    assert os.listdir(tmpdir) == []
