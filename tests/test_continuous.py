@@ -260,6 +260,19 @@ class WorldSizeProperty(Gloo):
         self.assertEqual(tensor.item(), 3.0)
 
 
+class KeptAcrossTests(Gloo):
+    def test_a_first(self):
+        log_pid()
+        type(self).first = (os.getpid(), dist.distributed_c10d._get_default_group())
+        self.all_reduce_works()
+
+    def test_b_second(self):
+        # The same rank process, with the same process group, as in test_a_first.
+        self.assertEqual(type(self).first, (os.getpid(), dist.distributed_c10d._get_default_group()))
+        self.assertIs(type(self).pg, type(self).first[1])
+        self.all_reduce_works()
+
+
 class SkipInATest(Gloo):
     def test_skip(self):
         log_pid()
@@ -331,6 +344,12 @@ def test_world_size_as_a_property(behaviours):
     assert result == "passed", text
 
 
+def test_the_ranks_and_their_process_group_are_kept_across_tests(behaviours):
+    for test in ("test_a_first", "test_b_second"):
+        result, text = outcome(behaviours, test)
+        assert result == "passed", text
+
+
 def test_a_skip_in_a_test_skips_it_with_its_reason(behaviours):
     # torch reports unittest.SkipTest raised in a rank as a failure of the test.
     result, text = outcome(behaviours, "test_skip")
@@ -347,7 +366,7 @@ def test_an_error_in_init_fails_each_test_with_the_ranks_traceback(behaviours):
 
 def test_nothing_is_left_behind(behaviours):
     _, pids, tmpdir = behaviours
-    assert len(set(pids)) >= 2 * 6 + 3  # every start of ranks logged
+    assert len(set(pids)) >= 2 * 7 + 3  # every start of ranks logged
     assert [pid for pid in pids if not pid_gone(pid)] == []
     assert left_in(tmpdir) == []  # the rendezvous directories are gone
 
