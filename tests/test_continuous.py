@@ -244,6 +244,14 @@ class RankDeath(Gloo):
         self.all_reduce_works()
 
 
+class HugeFailure(Gloo):
+    def test_huge_failure(self):
+        # A traceback far over a socket's buffer: the rank blocks sending it, the parent
+        # reads it whole.
+        if self.rank == 1:
+            raise AssertionError("start " + "x" * (4 << 20) + " end")
+
+
 class WorldSizeProperty(Gloo):
     @property
     def world_size(self):
@@ -337,6 +345,12 @@ def test_a_rank_dying_fails_its_test_then_the_next_test_passes(behaviours):
     assert f"Process 0 exited with code -{int(__import__('signal').SIGSEGV)}" in text
     assert "killed by signal 11, in:" in text and "crash_here" in text
     assert outcome(behaviours, "test_c_next")[0] == "passed"
+
+
+def test_a_huge_failure_arrives_whole(behaviours):
+    result, text = outcome(behaviours, "test_huge_failure")
+    assert result == "failed"
+    assert "AssertionError: start " + "x" * (4 << 20) + " end" in text
 
 
 def test_world_size_as_a_property(behaviours):
