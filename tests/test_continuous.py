@@ -189,6 +189,7 @@ from torch.testing._internal.common_distributed import TIMEOUT_OVERRIDE
 from fastspawn.testing import MultiProcContinuousTest
 
 TIMEOUT_OVERRIDE["test_a_hangs"] = 2  # torch's table, as a torch-style suite sets it
+TIMEOUT_OVERRIDE["test_a_half_sent"] = 2
 
 
 def log_pid():
@@ -250,6 +251,25 @@ class HugeFailure(Gloo):
         # reads it whole.
         if self.rank == 1:
             raise AssertionError("start " + "x" * (4 << 20) + " end")
+
+
+class StoppedHalfWayThroughItsResult(Gloo):
+    def test_a_half_sent(self):
+        log_pid()
+        if self.rank == 1:  # sends half of its failure, then stops (SIGSTOP) for good
+            from fastspawn import _payload
+
+            write_all = _payload.write_all
+
+            def half_then_stop(fd, data):
+                write_all(fd, data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+            _payload.write_all = half_then_stop
+            raise AssertionError("only half of this arrives")
+
+    def test_b_after_half_sent(self):
+        self.all_reduce_works()
 
 
 class WorldSizeProperty(Gloo):
@@ -351,6 +371,13 @@ def test_a_huge_failure_arrives_whole(behaviours):
     result, text = outcome(behaviours, "test_huge_failure")
     assert result == "failed"
     assert "AssertionError: start " + "x" * (4 << 20) + " end" in text
+
+
+def test_a_rank_stopped_half_way_through_its_result_is_a_timeout(behaviours):
+    # The parent never waits on a rank's channel: half a result holds nothing up.
+    result, text = outcome(behaviours, "test_a_half_sent")
+    assert result == "failed" and "timed out after" in text, text
+    assert outcome(behaviours, "test_b_after_half_sent")[0] == "passed"
 
 
 def test_world_size_as_a_property(behaviours):

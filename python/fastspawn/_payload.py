@@ -37,6 +37,40 @@ def read_frame(stream: BinaryIO) -> bytes:
     return data
 
 
+class FrameReader:
+    """Frames written by :func:`frame` to ``fd``, taken as they arrive: :meth:`frames`
+    never waits, so a writer stopped in the middle of a frame holds nobody up. Makes
+    ``fd`` non-blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.ended = False  # the writer's end is closed (no more frames after the buffered)
+        self._buffer = bytearray()
+        os.set_blocking(fd, False)
+
+    def frames(self) -> List[bytes]:
+        """The frames complete by now (possibly none)."""
+        while not self.ended:
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                break
+            except OSError:  # e.g. ECONNRESET: the writer is gone
+                chunk = b""
+            if not chunk:
+                self.ended = True
+            self._buffer += chunk
+        out = []
+        while len(self._buffer) >= _LEN.size:
+            (size,) = _LEN.unpack_from(self._buffer)
+            end = _LEN.size + size
+            if len(self._buffer) < end:
+                break
+            out.append(bytes(self._buffer[_LEN.size : end]))
+            del self._buffer[:end]
+        return out
+
+
 # The fds a child inherited for its pickled objects, by index. Exec'd children get them at
 # the caller's numbers; zygote children at whatever numbers the zygote received them.
 _inherited_fds: Tuple[int, ...] = ()

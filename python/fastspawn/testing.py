@@ -62,6 +62,7 @@ import inspect
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -78,6 +79,8 @@ from datetime import timedelta
 from functools import wraps
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
+
+from . import _payload
 
 __all__ = [
     "DEFAULT_WORLD_SIZE",
@@ -718,8 +721,9 @@ class _RankChannel:
         return task
 
     def put(self, result: Tuple[str, str, str]) -> None:
-        """Send ``(test id, "ok" | "skip" | "error", text)`` to the parent."""
-        self.connection.send(result)
+        """Send ``(test id, "ok" | "skip" | "error", text)`` to the parent, as one frame
+        (the parent reads frames without ever waiting on a rank, see ``_receive``)."""
+        _payload.write_all(self.connection.fileno(), _payload.frame(pickle.dumps(result, pickle.HIGHEST_PROTOCOL)))
 
 
 class _ContinuousEntry(_Entry):
@@ -775,6 +779,7 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
     _processes_spawned: bool = False
     _ranks: Optional[Any] = None  # the running ranks (fastspawn._api._Run)
     _channels: List[Connection] = []
+    _inboxes: List[Any] = []  # the parent's readers of the ranks' results (_payload.FrameReader)
     _stack_files: Optional[RankFiles] = None
     _rdvz_dir: Optional[str] = None  # where the rendezvous files go; removed at tearDownClass
     _rdvz_cleanup: Optional[Any] = None  # weakref.finalize removing it (at exit at the latest)
@@ -987,6 +992,7 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
         assert context is not None
         cls._ranks = context._run
         cls._channels = [ours for ours, _ in pairs]
+        cls._inboxes = [_payload.FrameReader(ours.fileno()) for ours in cls._channels]
         cls.processes = list(context.processes)
         for rank, process in enumerate(cls.processes):
             logger.debug("Started process %s with pid %s", rank, process.pid)
@@ -1008,7 +1014,7 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
                 )
             for rank in unstoppable:
                 logger.warning("Process %s of %s could not be stopped; fastspawn reaps it when it exits", rank, cls.__name__)
-        channels, cls._channels = cls._channels, []
+        channels, cls._channels, cls._inboxes = cls._channels, [], []
         for channel in channels:
             channel.close()
 
@@ -1086,7 +1092,7 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
             for rank, channel in enumerate(cls._channels):
                 if rank not in outcomes and rank not in closed:
                     try:
-                        received = self._receive(channel, test_id)
+                        received = self._receive(cls._inboxes[rank], test_id)
                     except (EOFError, OSError):  # the rank is exiting: its exit follows
                         closed.append(rank)
                     else:
@@ -1129,14 +1135,17 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
             raise unittest.SkipTest(skips[0])
 
     @staticmethod
-    def _receive(channel: Connection, test_id: str) -> Optional[Tuple[str, str]]:
-        """What a rank sent about ``test_id`` so far, ``(kind, text)``, or None (without
-        waiting); EOFError once the rank's end is closed. Outcomes of earlier tests whose
-        wait never ran (a setUp override that raised after dispatching) are dropped."""
-        while channel.poll(0):  # something is readable: a whole message is being sent
-            sent_id, kind, text = channel.recv()
+    def _receive(inbox: Any, test_id: str) -> Optional[Tuple[str, str]]:
+        """What a rank sent about ``test_id`` so far, ``(kind, text)``, or None, without
+        ever waiting (a rank frozen half-way through a large result holds nothing up);
+        EOFError once the rank's end is closed. Outcomes of earlier tests whose wait never
+        ran (a setUp override that raised after dispatching) are dropped."""
+        for data in inbox.frames():
+            sent_id, kind, text = pickle.loads(data)
             if sent_id == test_id:
                 return kind, text
+        if inbox.ended:
+            raise EOFError("the rank's channel is closed")
         return None
 
     def _fail_rank_death(
@@ -1144,8 +1153,6 @@ class _MultiProcContinuousTestBase(unittest.TestCase):
     ) -> None:
         """Ranks ``dead`` exited during the test: fail it (exit code, stack at a fatal
         signal, the rank's traceback if it raised), after stopping the others."""
-        from . import _payload
-
         cls = type(self)
         stack_files = cls._stack_files
         cls._stop_processes(0.0)
