@@ -673,3 +673,119 @@ def test_unused_plugin_loads_nothing(pytester: pytest.Pytester, monkeypatch: pyt
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn'): *"])
+
+
+# ------------------------------------------------- early start, while pytest collects
+EARLY_CONFTEST = """
+import time
+import pytest
+from recorder import recorded
+
+@pytest.fixture
+def zygote_import(request):
+    # Waits (bounded) until the zygote has imported the requesting test's module: the
+    # early start does it during collection, with no spawn request. Started by the first
+    # request instead, it would never happen before the test body runs.
+    name = "zygote-" + request.module.__name__.rpartition(".")[2]
+    deadline = time.monotonic() + 60
+    while name not in recorded():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the zygote did not import {request.module.__name__} before the test began")
+        time.sleep(0.02)
+    return recorded()[name]
+"""
+
+EARLY_MODULE = """
+import os, sys
+import pytest
+from recorder import record
+{extra}
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote, not by a rank
+    record("zygote-" + __name__.rpartition(".")[2], pid=os.getpid(), ppid=os.getppid(),
+           loader=type(__loader__).__name__)
+
+@pytest.mark.parametrize("i", range(2))
+@pytest.mark.spawn(nprocs=2)
+def test_ranks(rank, i, zygote_import):
+    record(f"{{__name__}}-{{i}}-{{rank}}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+    assert IMPORTED_IN == zygote_import["pid"]
+"""
+
+
+def test_zygote_imports_marked_test_modules_while_pytest_collects(suite: pytest.Pytester) -> None:
+    suite.makeconftest(EARLY_CONFTEST)
+    suite.makepyfile(test_early=EARLY_MODULE.format(extra=""))
+    sub = suite.mkdir("sub")
+    # Found only through the sys.path entry pytest adds for sub/: the zygote adds it too.
+    (sub / "helper_module.py").write_text("VALUE = 1\n")
+    (sub / "test_later.py").write_text(EARLY_MODULE.format(extra="import helper_module"))
+    result = run(suite, "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    assert "fresh interpreter" not in result.stdout.str()
+    seen = recorded()
+    early, later = seen["zygote-test_early"], seen["zygote-test_later"]
+    # One zygote, a child of pytest, imported both (its sys.path grew with pytest's and it
+    # was not replaced), with pytest's assertion rewriting.
+    assert early["pid"] == later["pid"] != early["ppid"]
+    assert early["loader"] == later["loader"] == "_RewritingLoader"
+    ranks = [data for name, data in seen.items() if not name.startswith("zygote-")]
+    assert len(ranks) == 8
+    for data in ranks:  # forks of that zygote, which had the module: never imported again
+        assert data["imported_in"] == early["pid"] and data["ppid"] == early["ppid"]
+    assert still_running([data["pid"] for data in ranks] + [early["pid"]]) == []
+
+
+NO_RANKS = """
+import os
+import psutil
+import pytest
+
+TEXT = "a test module may mention pytest.mark.spawn without using it"
+
+@pytest.mark.spawn(nprocs=2)
+def test_deselected(rank):
+    pass
+
+def test_no_zygote():
+    import sys
+    api = sys.modules.get("fastspawn._api")
+    assert api is None or api._zygotes.current is None
+    assert os.environ.get("FASTSPAWN_PYTEST_SESSION") is None
+    zygotes = [p for p in psutil.Process().children() if "fastspawn._zygote" in " ".join(p.cmdline())]
+    assert zygotes == []
+"""
+
+
+def test_no_zygote_is_left_for_a_session_whose_tests_need_no_ranks(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_no_ranks=NO_RANKS)
+    run(suite, "-k", "not deselected").assert_outcomes(passed=1, deselected=1)
+
+
+STUCK = """
+import os, sys, time
+import pytest
+
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():
+    time.sleep(120)  # the early import gets stuck (the zygote is given up long before)
+
+@pytest.mark.parametrize("i", range(2))
+@pytest.mark.spawn(nprocs=2)
+def test_in_fresh_interpreters(rank, i):
+    pass
+"""
+
+
+def test_a_stuck_early_import_falls_back_with_one_warning(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSPAWN_ZYGOTE_TIMEOUT", "3")
+    path = suite.makepyfile(test_stuck=STUCK)
+    result = run(suite)
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert out.count("starting each child in a fresh interpreter instead") == 1, out
+    result.stdout.fnmatch_lines(
+        [f"*fastspawn: the zygote (pid *) did not finish importing within 3 s (FASTSPAWN_ZYGOTE_TIMEOUT); "
+         f"its import is stuck at: *{path.name}:{line(path, 'time.sleep(120)')} in <module>*"]
+    )

@@ -113,6 +113,16 @@ def _install_from_session() -> None:
 _install_from_session()
 
 
+def prefetch(modules: Mapping[str, str], path_entries: Sequence[str], prepend: bool) -> None:
+    """In the zygote, while pytest collects: import test modules (name -> file) with
+    assertion rewriting, as pytest is importing them, ``sys.path`` as pytest's import
+    mode will have made it (see fastspawn._prewarm.import_modules)."""
+    from fastspawn._prewarm import import_modules
+
+    _finder().update(modules)
+    import_modules(list(modules), path_entries, prepend)
+
+
 def _rewritten_here(module: Any) -> bool:
     return isinstance(getattr(module, "__loader__", None), _RewritingLoader)
 

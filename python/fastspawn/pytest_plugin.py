@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
 import pytest
@@ -73,9 +75,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from fastspawn import _prewarm
+
     config.addinivalue_line("markers", _MARKER_HELP)
     state = _Session()
     config.stash[_SESSION] = state
+    _prewarm.plugin_sessions += 1  # test classes are warmed for by module, below
+    state.counted = True
     if config.getoption("fastspawn_patch_torch") or config.getini("fastspawn_patch_torch"):
         from fastspawn._patch import patch_torch
 
@@ -92,12 +98,74 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    state = _session(session.config)
     if any(_uses_ranks(item) for item in session.items):
-        _session(session.config).activate()
+        state.activate()
+        return
+    state.deactivate()  # activated early for a module whose tests were all deselected
+    if state.hinted and not any(_is_rank_test_case(item) for item in session.items):
+        from fastspawn import _prewarm, _zygote
+
+        _prewarm.discard(2 * _zygote.zygote_timeout())  # no test will need the zygote
 
 
 def _uses_ranks(item: pytest.Item) -> bool:
     return item.get_closest_marker("spawn") is not None or "spawn" in getattr(item, "fixturenames", ())
+
+
+def _is_rank_test_case(item: pytest.Item) -> bool:
+    """Whether ``item`` is a test of a fastspawn.testing class (its ranks are its own)."""
+    testing = sys.modules.get("fastspawn.testing")
+    cls = getattr(item, "cls", None)
+    return testing is not None and isinstance(cls, type) and issubclass(cls, testing._MultiProcessTestCaseBase)
+
+
+# ------------------------------------------------------ early start, while collecting
+# What marks a test module as one that needs ranks, read from its source before pytest
+# imports it: the marker, a function taking the `spawn` fixture, or fastspawn.testing.
+_MARKED = re.compile(rb"\bmark\.spawn\b|\bdef\s+\w+\s*\([^)]*\bspawn\b")
+_TESTING = re.compile(rb"\bfastspawn\.testing\b|\bfrom\s+fastspawn\s+import\s[^\n]*\btesting\b")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> Generator[None, Any, None]:
+    _session(parent.config).module_found(module_path, parent.config)
+    yield
+
+
+def _module_name(path: Path, config: pytest.Config) -> Optional[Tuple[str, str, bool]]:
+    """The name pytest will import the test file ``path`` as, the ``sys.path`` entry it
+    adds for it, and whether it prepends it; None when its import mode is not one of
+    those (importlib) or the name cannot be told."""
+    mode = config.getoption("importmode", "prepend")
+    mode = str(getattr(mode, "value", mode))
+    if mode not in ("prepend", "append"):
+        return None
+    try:
+        from _pytest.pathlib import resolve_package_path
+    except ImportError:
+        return None
+    try:
+        from _pytest.pathlib import CouldNotResolvePathError, resolve_pkg_root_and_module_name
+    except ImportError:  # pytest < 8.1: packages are the directories with __init__.py
+        package = resolve_package_path(path)
+        if package is None:
+            return path.stem, str(path.parent), mode == "prepend"
+        names = list(path.with_suffix("").relative_to(package.parent).parts)
+        if names[-1] == "__init__":
+            names.pop()
+        return ".".join(names), str(package.parent), mode == "prepend"
+    try:
+        namespaces = bool(config.getini("consider_namespace_packages"))
+    except ValueError:
+        namespaces = False
+    try:
+        root, name = resolve_pkg_root_and_module_name(path, consider_namespace_packages=namespaces)
+    except CouldNotResolvePathError:
+        root, name = path.parent, path.stem
+    except Exception:
+        return None
+    return name, str(root), mode == "prepend"
 
 
 class _Session:
@@ -112,6 +180,8 @@ class _Session:
         self._rewrite: Dict[str, str] = {}
         self._rewrite_seen = -1
         self._report_options: Optional[Dict[str, Any]] = None
+        self.counted = False  # in _prewarm.plugin_sessions
+        self.hinted = False  # a test module was hinted to fastspawn._prewarm
 
     def directory(self) -> str:
         """This session's temporary directory (init_method files, rank results)."""
@@ -139,6 +209,42 @@ class _Session:
             _api.preload([rank_module, *self._saved_preload])
         self.active = True
 
+    def module_found(self, path: Path, config: pytest.Config) -> None:
+        """pytest is about to import the test module ``path``: if it needs ranks, the
+        zygote starts (in the background) and imports it too, meanwhile."""
+        if getattr(config.option, "collectonly", False):
+            return
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError:
+            return
+        marked = _MARKED.search(source) is not None
+        if not marked and _TESTING.search(source) is None:
+            return
+        from fastspawn import _prewarm
+
+        if not _prewarm.zygote_wanted():
+            return
+        where = _module_name(path, config)
+        if marked:
+            # Ranks of marked tests need the session's zygote: preloads, rewriting.
+            self.activate()
+            if where is None:
+                queued = _prewarm.hint("start", _prewarm.nothing, ())
+            else:
+                from fastspawn import _pytest_rank
+
+                name, entry, prepend = where
+                args = ({name: str(path)}, [entry], prepend)
+                queued = _prewarm.hint(f"module:{name}", _pytest_rank.prefetch, args)
+        elif where is None:
+            queued = _prewarm.hint("start", _prewarm.nothing, ())
+        else:  # fastspawn.testing classes: their ranks import the module plainly
+            name, entry, prepend = where
+            queued = _prewarm.hint(f"module:{name}", _prewarm.import_modules, ([name], [entry], prepend))
+        self.hinted = self.hinted or queued
+
     def report_options(self, config: pytest.Config) -> Dict[str, Any]:
         """How ranks format failures (see _report_options), computed once."""
         if self._report_options is None:
@@ -162,7 +268,8 @@ class _Session:
                     self._rewrite[name] = path
         return self._rewrite
 
-    def close(self) -> None:
+    def deactivate(self) -> None:
+        """Undo :meth:`activate`."""
         if self.active:
             from fastspawn import _api
 
@@ -172,6 +279,18 @@ class _Session:
                 os.environ[_SESSION_ENV] = self._saved_env
             _api.preload(self._saved_preload or [])
             self.active = False
+
+    def close(self) -> None:
+        if self.hinted:
+            from fastspawn import _prewarm, _zygote
+
+            _prewarm.wait(2 * _zygote.zygote_timeout())  # bounded: each of its waits is
+        if self.counted:
+            from fastspawn import _prewarm
+
+            _prewarm.plugin_sessions -= 1
+            self.counted = False
+        self.deactivate()
         if self.torch_patch is not None:
             self.torch_patch.__exit__(None, None, None)
             self.torch_patch = None
