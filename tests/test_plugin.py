@@ -5,6 +5,7 @@ the outcome, the report, and what the ranks recorded."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -479,7 +480,7 @@ def test_errors_name_their_cause(suite: pytest.Pytester) -> None:
             "*- rank 1 of 2 (pid *) exited with code 3 without finishing the test -*",
             "rank 1 leaving",
             "FAILED test_errors.py::test_rank_exits - rank 1 exited with code 3",
-            "*invalid @pytest.mark.spawn arguments: nprocs must be an int >= 1, got 0",
+            "*invalid @pytest.mark.spawn arguments: nprocs must be an int >= 1 (or a list of them), got 0",
             "*the 'rank' fixture needs the test to be marked @pytest.mark.spawn",
             "E       TypeError: the 'rank' fixture has a value only inside the spawned processes*",
         ]
@@ -672,7 +673,7 @@ def test_unused_plugin_loads_nothing(pytester: pytest.Pytester, monkeypatch: pyt
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn'): *"])
+    result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn', devices_per_rank=None): *"])
 
 
 # ------------------------------------------------- early start, while pytest collects
@@ -789,3 +790,211 @@ def test_a_stuck_early_import_falls_back_with_one_warning(suite: pytest.Pytester
         [f"*fastspawn: the zygote (pid *) did not finish importing within 3 s (FASTSPAWN_ZYGOTE_TIMEOUT); "
          f"its import is stuck at: *{path.name}:{line(path, 'time.sleep(120)')} in <module>*"]
     )
+
+
+# ---------------------------------------------------------------- world-size lists
+SIZES = """
+import os
+import pytest
+from recorder import record
+
+@pytest.mark.spawn(nprocs=[1, 3])
+def test_sizes(rank, world_size):
+    record(f"sizes-{world_size}-{rank}", env=os.environ["WORLD_SIZE"], pid=os.getpid())
+
+@pytest.mark.parametrize("letter", ["a", "b"])
+@pytest.mark.spawn(nprocs=[2, 1])
+def test_composed(rank, world_size, letter):
+    record(f"composed-{world_size}-{letter}-{rank}", pid=os.getpid())
+
+@pytest.mark.spawn([2])
+def test_positional(rank, world_size):
+    record(f"positional-{world_size}-{rank}", pid=os.getpid())
+"""
+
+
+def test_a_list_of_sizes_runs_the_test_once_per_size(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_sizes=SIZES)
+    result = run(suite, "-v")
+    result.assert_outcomes(passed=7)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_sizes.py::test_sizes[[]nprocs=1[]] PASSED*",
+            "*test_sizes.py::test_sizes[[]nprocs=3[]] PASSED*",
+            # the size's id comes first, then parametrize's
+            "*test_sizes.py::test_composed[[]nprocs=2-a[]] PASSED*",
+            "*test_sizes.py::test_composed[[]nprocs=1-b[]] PASSED*",
+            "*test_sizes.py::test_positional[[]nprocs=2[]] PASSED*",
+        ]
+    )
+    seen = recorded()
+    expected = {"sizes-1-0", "sizes-3-0", "sizes-3-1", "sizes-3-2", "positional-2-0", "positional-2-1"}
+    expected |= {f"composed-{n}-{x}-{r}" for n in (1, 2) for x in "ab" for r in range(n)}
+    assert set(seen) == expected
+    assert all(data["env"] == name.split("-")[1] for name, data in seen.items() if name.startswith("sizes-"))
+
+
+BAD_SIZES = {
+    "test_empty": "[]",
+    "test_not_int": "[2, '4']",
+    "test_zero": "(1, 0)",
+}
+
+
+def test_bad_sizes_fail_at_collection_naming_the_problem(suite: pytest.Pytester) -> None:
+    for name, sizes in BAD_SIZES.items():
+        suite.makepyfile(**{name: f"import pytest\n\n@pytest.mark.spawn(nprocs={sizes})\ndef test_x(rank):\n    pass\n"})
+    suite.makepyfile(test_fine="def test_fine():\n    pass\n")
+    result = run(suite, "--continue-on-collection-errors")
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "ERROR test_empty.py - Failed: invalid @pytest.mark.spawn arguments: nprocs is an empty list: give at least one world size",
+            "ERROR test_not_int.py - Failed: invalid @pytest.mark.spawn arguments: nprocs list must hold ints >= 1, got '4' in [[]2, '4'[]]",
+            "ERROR test_zero.py - Failed: invalid @pytest.mark.spawn arguments: nprocs list must hold ints >= 1, got 0 in [[]1, 0[]]",
+        ]
+    )
+    assert "During handling" not in result.stdout.str()
+
+
+# ------------------------------------------------------------------ devices per rank
+DEVICES = """
+import os
+import pytest
+from recorder import record
+
+def devices(name, rank):
+    record(f"{name}-{rank}", cvd=os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank=os.environ["LOCAL_RANK"],
+           worker=os.environ.get("PYTEST_XDIST_WORKER", ""), pid=os.getpid())
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=1)
+def test_one_each(rank):
+    devices("one", rank)
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=2)
+def test_two_each(rank):
+    devices("two", rank)
+
+@pytest.mark.spawn(nprocs=3, devices_per_rank=2)
+def test_too_few(rank):
+    devices("too_few", rank)
+
+@pytest.mark.spawn(nprocs=2)
+def test_default(rank):
+    devices("default", rank)
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=0)
+def test_none(rank):
+    devices("none", rank)
+"""
+
+
+@pytest.mark.parametrize("ini", [None, 1])
+def test_each_rank_gets_its_own_devices(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ini: Any) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # four (fake) devices
+    if ini is not None:
+        suite.makeini(INNER_INI + f"spawn_devices_per_rank = {ini}\n")
+    suite.makepyfile(test_devices=DEVICES)
+    result = run(suite)
+    result.assert_outcomes(passed=4, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [[]1[]] test_devices.py:*: needs 6 CUDA device(s) (nprocs=3 x devices_per_rank=2), 4 available"]
+    )
+    seen = recorded()
+    assert [seen[f"one-{r}"]["cvd"] for r in range(2)] == ["0", "1"]
+    assert [seen[f"two-{r}"]["cvd"] for r in range(2)] == ["0,1", "2,3"]
+    assert [seen[f"default-{r}"]["cvd"] for r in range(2)] == (["0,1,2,3"] * 2 if ini is None else ["0", "1"])
+    assert [seen[f"none-{r}"]["cvd"] for r in range(2)] == ["0,1,2,3"] * 2  # the marker wins over the ini
+    assert all(data["local_rank"] == name.rpartition("-")[2] for name, data in seen.items())
+
+
+XDIST_DEVICES = """
+import os
+import pytest
+from recorder import record
+
+@pytest.mark.parametrize("i", range(8))
+@pytest.mark.spawn(nprocs=2, devices_per_rank=1)
+def test_devices(rank, i):
+    record(f"d-{i}-{rank}", cvd=os.environ["CUDA_VISIBLE_DEVICES"], worker=os.environ["PYTEST_XDIST_WORKER"],
+           pid=os.getpid())
+
+@pytest.mark.spawn(nprocs=3, devices_per_rank=1)
+def test_too_few(rank):
+    pass
+"""
+
+
+def test_xdist_workers_take_disjoint_devices(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("xdist")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    suite.makepyfile(test_xdist_devices=XDIST_DEVICES)
+    result = run(suite, "-n", "2")
+    result.assert_outcomes(passed=8, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [[]1[]] test_xdist_devices.py:*: needs 3 CUDA device(s) (nprocs=3 x devices_per_rank=1), "
+         "2 available to xdist worker gw? (of 2, sharing 4)"]
+    )
+    by_worker: dict = {}
+    for data in recorded().values():
+        by_worker.setdefault(data["worker"], set()).add(data["cvd"])
+    assert by_worker == {"gw0": {"0", "1"}, "gw1": {"2", "3"}} or len(by_worker) == 1 and set(by_worker.values()) in (
+        [{"0", "1"}], [{"2", "3"}]
+    ), by_worker  # a worker that ran none of them is possible (xdist distributes)
+
+
+# ------------------------------------------- early start for fastspawn.testing classes
+UNITTEST_EARLY = """
+import os, sys, time, unittest
+from fastspawn.testing import MultiProcessTestCase
+from recorder import record, recorded
+
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote
+    record("zygote-import", pid=os.getpid(), ppid=os.getppid())
+
+
+class EarlyTest(MultiProcessTestCase):
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        # Bounded wait: the zygote imports this module when the class is defined, with
+        # no request. Started by the first request instead, it never would before it.
+        deadline = time.monotonic() + 60
+        while "zygote-import" not in recorded():
+            self.assertLess(time.monotonic(), deadline, "the zygote did not import the module early")
+            time.sleep(0.02)
+        self._spawn_processes()
+
+    def test_a(self):
+        record(f"a-{self.rank}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+
+    def test_b(self):
+        record(f"b-{self.rank}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+"""
+
+
+def test_a_testing_class_run_by_unittest_warms_the_zygote_when_defined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("RECORD_DIR", str(records))
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    (tmp_path / "test_unittest_early.py").write_text(UNITTEST_EARLY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "FASTSPAWN_"))}
+    env.update(RECORD_DIR=str(records), PYTHONUNBUFFERED="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "unittest", "-v", "test_unittest_early"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Ran 2 tests" in out.stderr and "fresh interpreter" not in out.stderr
+    seen = recorded()
+    zygote = seen.pop("zygote-import")
+    assert sorted(seen) == ["a-0", "a-1", "b-0", "b-1"]
+    for data in seen.values():  # forks of the zygote that imported the module early
+        assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]
+    assert still_running([zygote["pid"]] + [data["pid"] for data in seen.values()]) == []

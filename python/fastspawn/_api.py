@@ -784,6 +784,7 @@ def _launch(
     run: Optional[_Run] = None
     try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
         if start_method == "fork":
+            _prewarm.wait(2 * _zygote.zygote_timeout())  # its thread ends: not forked mid-import
             _warn_of_fork_with_threads(parent_pid, nprocs)
             run = _Run(nprocs, daemon)
             for spec in specs:

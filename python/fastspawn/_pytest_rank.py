@@ -169,6 +169,7 @@ class Job(NamedTuple):
     stacks: Sequence[Any]  # fastspawn.testing.RankFile by rank: where stacks are dumped
     warning_filters: List[Tuple[Any, ...]]  # the pytest process's filters during the call
     report: Dict[str, Any]  # how to format a failure (see plugin._report_options)
+    devices: Optional[List[str]] = None  # by rank: its CUDA_VISIBLE_DEVICES (devices_per_rank)
 
 
 def result_path(outdir: str, rank: int) -> str:
@@ -198,6 +199,8 @@ class RankMain:
             MASTER_ADDR=job.master_addr,
             MASTER_PORT=str(job.master_port),
         )
+        if job.devices is not None:  # read by CUDA at its initialisation, which is later
+            os.environ["CUDA_VISIBLE_DEVICES"] = job.devices[rank]
         for other, stacks in enumerate(job.stacks):
             if other != rank:
                 stacks.close()
