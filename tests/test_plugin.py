@@ -715,24 +715,41 @@ def test_ranks(rank, i, zygote_import):
 """
 
 
+EARLY_FIXTURE = """
+import os, sys
+from recorder import record
+
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():
+    record("zygote-test_fixture", pid=os.getpid(), ppid=os.getppid(), loader=type(__loader__).__name__)
+
+def report(i):
+    record(f"fixture-{i}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+
+def test_workers(zygote_import, spawn):
+    spawn(report, nprocs=2)
+"""
+
+
 def test_zygote_imports_marked_test_modules_while_pytest_collects(suite: pytest.Pytester) -> None:
     suite.makeconftest(EARLY_CONFTEST)
-    suite.makepyfile(test_early=EARLY_MODULE.format(extra=""))
+    suite.makepyfile(test_early=EARLY_MODULE.format(extra=""), test_fixture=EARLY_FIXTURE)
     sub = suite.mkdir("sub")
     # Found only through the sys.path entry pytest adds for sub/: the zygote adds it too.
     (sub / "helper_module.py").write_text("VALUE = 1\n")
     (sub / "test_later.py").write_text(EARLY_MODULE.format(extra="import helper_module"))
     result = run(suite, "-p", "no:randomly")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     assert "fresh interpreter" not in result.stdout.str()
     seen = recorded()
-    early, later = seen["zygote-test_early"], seen["zygote-test_later"]
-    # One zygote, a child of pytest, imported both (its sys.path grew with pytest's and it
-    # was not replaced), with pytest's assertion rewriting.
-    assert early["pid"] == later["pid"] != early["ppid"]
-    assert early["loader"] == later["loader"] == "_RewritingLoader"
+    early, later, fixture = (seen[f"zygote-test_{name}"] for name in ("early", "later", "fixture"))
+    # One zygote, a child of pytest, imported them all (its sys.path grew with pytest's and
+    # it was not replaced), with pytest's assertion rewriting.
+    assert early["pid"] == later["pid"] == fixture["pid"] != early["ppid"]
+    assert early["loader"] == later["loader"] == fixture["loader"] == "_RewritingLoader"
     ranks = [data for name, data in seen.items() if not name.startswith("zygote-")]
-    assert len(ranks) == 8
+    assert len(ranks) == 10
     for data in ranks:  # forks of that zygote, which had the module: never imported again
         assert data["imported_in"] == early["pid"] and data["ppid"] == early["ppid"]
     assert still_running([data["pid"] for data in ranks] + [early["pid"]]) == []

@@ -133,7 +133,7 @@ def _is_rank_test_case(item: pytest.Item) -> bool:
 # ------------------------------------------------------ early start, while collecting
 # What marks a test module as one that needs ranks, read from its source before pytest
 # imports it: the marker, a function taking the `spawn` fixture, or fastspawn.testing.
-_MARKED = re.compile(rb"\bmark\.spawn\b|\bdef\s+\w+\s*\([^)]*\bspawn\b")
+_MARKED = re.compile(rb"\bmark\.spawn\b|\bdef\s+\w+\s*\((?:[^)]*,)?\s*spawn\s*[,):]")
 _TESTING = re.compile(rb"\bfastspawn\.testing\b|\bfrom\s+fastspawn\s+import\s[^\n]*\btesting\b")
 
 
