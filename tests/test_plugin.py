@@ -1015,3 +1015,14 @@ def test_a_testing_class_run_by_unittest_warms_the_zygote_when_defined(tmp_path:
     for data in seen.values():  # forks of the zygote that imported the module early
         assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]
     assert still_running([zygote["pid"]] + [data["pid"] for data in seen.values()]) == []
+
+
+def test_a_testing_class_collected_by_pytest_is_imported_by_the_zygote_meanwhile(suite: pytest.Pytester) -> None:
+    suite.makeini(INNER_INI + "    ignore:Fail to import hypothesis:ImportWarning\n")  # torch's test utilities
+    suite.makepyfile(test_unittest_early=UNITTEST_EARLY)
+    run(suite).assert_outcomes(passed=2)
+    seen = recorded()
+    zygote = seen.pop("zygote-import")
+    assert sorted(seen) == ["a-0", "a-1", "b-0", "b-1"]
+    for data in seen.values():  # forks of the zygote that imported the module early
+        assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]

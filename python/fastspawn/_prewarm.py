@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ _queue: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
 _hinted: Set[str] = set()
 _thread: Optional[threading.Thread] = None
 _started: List[int] = []  # pids of the zygotes a hint started
+# The classes class_defined was told of: their tests run in ranks (see pytest_plugin).
+rank_classes: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 def _inside_fastspawn_child() -> bool:
@@ -144,6 +147,7 @@ def class_defined(cls: type) -> None:
     plugin (it hints test modules as it collects them), for fastspawn's own classes, in
     fastspawn's children, or when the zygote is off."""
     module = getattr(cls, "__module__", "") or ""
+    rank_classes.add(cls)
     if plugin_sessions or module.partition(".")[0] == "fastspawn" or not zygote_wanted():
         return
     if module == "__main__":  # the zygote imports the main script as it starts

@@ -17,6 +17,9 @@ The protocol always answers:
   was is unknown (then it announces itself or its pipe closes). A call of at least
   ``_SPLIT_AT`` ranks has a helper child fork half of them; it reports its pids (or why a
   fork failed) to the zygote over a socketpair made for that request;
+* a request ``{"id": k, "op": "prefetch", "payload": pickle of (fn, args), ...}`` (see
+  fastspawn._prewarm) runs ``fn(*args)`` in the caller's context, to import what coming
+  calls need, and gets one reply ``{"id": k, "pids": [], "error"?: str, "unfit": ...}``;
 * the caller bounds every wait on the zygote (start-up and each reply) by
   :func:`zygote_timeout` seconds. Past it, or on any exception mid-request, that zygote is
   retired (SIGKILL, reaped) and what the request started is stopped; a zygote stuck in its

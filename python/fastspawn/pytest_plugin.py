@@ -1,9 +1,12 @@
 """pytest plugin (entry point ``pytest11``): run a test body in N processes with fastspawn.
 
-``@pytest.mark.spawn(nprocs=2, timeout=None, start_method="spawn")`` runs the test in
-``nprocs`` ranks forked from fastspawn's warm zygote; fixtures ``rank``, ``world_size``,
-``init_method`` and ``spawn``; options ``--spawn-timeout`` (ini ``spawn_timeout``) and
-``--fastspawn-patch-torch`` (ini ``fastspawn_patch_torch``).
+``@pytest.mark.spawn(nprocs=2, timeout=None, start_method="spawn", devices_per_rank=None)``
+runs the test in ``nprocs`` ranks forked from fastspawn's warm zygote (a list of sizes: one
+test per size; ``devices_per_rank``: each rank's own ``CUDA_VISIBLE_DEVICES``); fixtures
+``rank``, ``world_size``, ``init_method`` and ``spawn``; options ``--spawn-timeout`` (ini
+``spawn_timeout``), ini ``spawn_devices_per_rank`` and ``--fastspawn-patch-torch`` (ini
+``fastspawn_patch_torch``). The zygote starts, and imports the test modules that need
+ranks, while pytest collects them (see fastspawn._prewarm).
 
 pytest imports this module in every run of every project that has fastspawn installed, so
 it imports nothing of fastspawn (nor torch) until a test uses it.
@@ -124,10 +127,10 @@ def _uses_ranks(item: pytest.Item) -> bool:
 
 
 def _is_rank_test_case(item: pytest.Item) -> bool:
-    """Whether ``item`` is a test of a fastspawn.testing class (its ranks are its own)."""
-    testing = sys.modules.get("fastspawn.testing")
-    cls = getattr(item, "cls", None)
-    return testing is not None and isinstance(cls, type) and issubclass(cls, testing._MultiProcessTestCaseBase)
+    """Whether ``item`` is a test of a fastspawn.testing class (it starts its own ranks)."""
+    from fastspawn import _prewarm
+
+    return getattr(item, "cls", None) in _prewarm.rank_classes
 
 
 # ------------------------------------------------------ early start, while collecting
