@@ -1026,3 +1026,31 @@ def test_a_testing_class_collected_by_pytest_is_imported_by_the_zygote_meanwhile
     assert sorted(seen) == ["a-0", "a-1", "b-0", "b-1"]
     for data in seen.values():  # forks of the zygote that imported the module early
         assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]
+
+
+KILLER = """
+import os, sys
+from recorder import record
+
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # preloaded by a zygote: it dies starting
+    record(f"zygote-start-{os.getpid()}", pid=os.getpid())
+    os._exit(3)
+"""
+
+
+def test_a_zygote_that_dies_starting_early_is_not_started_again(suite: pytest.Pytester) -> None:
+    suite.makeconftest("import fastspawn\nfastspawn.preload(['zygote_killer'])\n")
+    suite.makepyfile(zygote_killer=KILLER)
+    # In a directory of its own: pytest's import of it adds to sys.path after the early start.
+    suite.mkdir("sub")
+    (suite.path / "sub" / "test_killed.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('i', range(2))\n@pytest.mark.spawn(nprocs=2)\n"
+        "def test_in_fresh_interpreters(rank, i):\n    pass\n"
+    )
+    result = run(suite)
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert out.count("starting each child in a fresh interpreter instead") == 1, out
+    result.stdout.fnmatch_lines(["*fastspawn: the zygote (pid *) died while starting up (exit code 3)*"])
+    assert len(recorded()) == 1  # one zygote tried, during collection; the first test's call did not retry

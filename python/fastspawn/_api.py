@@ -75,6 +75,7 @@ class _Zygotes:
         self.current: Optional[_zygote.Zygote] = None
         self.preload: List[str] = []
         self.warned: Set[Tuple[Any, str]] = set()
+        self.failed_early: Optional[Tuple[Tuple[Any, ...], str]] = None  # a background start's key, why
 
     def get(self, preparation: Dict[str, Any], background: bool = False) -> Optional[_zygote.Zygote]:
         """The zygote for a call with ``preparation``, started or replaced as needed; None
@@ -100,13 +101,20 @@ class _Zygotes:
                 self.current = None
                 zygote.close()
                 zygote = None
+            if zygote is None and self.failed_early is not None and _zygote.still_serves(self.failed_early[0], key, True):
+                if warn:  # the background start failed: as if this call's had (no retry)
+                    self.fallback_warning(*self.failed_early)
+                return None
             if zygote is None:
                 try:
                     zygote = _zygote.Zygote(key, preparation, self.preload, _use_pidfd())
                     zygote.follows_path = background
                 except _zygote.ZygoteError as exc:
-                    if warn:
-                        self.fallback_warning(key, str(exc).replace("fastspawn: ", ""))
+                    reason = str(exc).replace("fastspawn: ", "")
+                    if background:
+                        self.failed_early = (key, reason)
+                    else:
+                        self.fallback_warning(key, reason)
                     return None
                 self.current = zygote
             if not warn:

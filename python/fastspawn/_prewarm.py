@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 plugin_sessions = 0
 
 _lock = threading.Lock()
-_queue: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+_queue: List[Tuple[Dict[str, Any], Callable[..., Any], Tuple[Any, ...]]] = []
 _hinted: Set[str] = set()
 _thread: Optional[threading.Thread] = None
 _started: List[int] = []  # pids of the zygotes a hint started
@@ -61,11 +61,15 @@ def hint(key: str, fn: Callable[..., Any], args: Tuple[Any, ...]) -> bool:
     ``fn(*args)`` (which imports what the coming calls need). Once per ``key``; returns
     whether this call queued work."""
     global _thread
+    from multiprocessing import spawn as mp_spawn
+
     with _lock:
         if key in _hinted:
             return False
         _hinted.add(key)
-        _queue.append((fn, args))
+        # The zygote starts with this process's state of now (sys.path...), not the
+        # state when the thread gets to it.
+        _queue.append((mp_spawn.get_preparation_data("fastspawn-zygote"), fn, args))
         if _thread is None:
             _thread = threading.Thread(target=_work, name="fastspawn-prewarm", daemon=True)
             _thread.start()
@@ -79,19 +83,17 @@ def _work() -> None:
             if not _queue:
                 _thread = None
                 return
-            fn, args = _queue.pop(0)
+            preparation, fn, args = _queue.pop(0)
         try:
-            _prefetch(fn, args)
+            _prefetch(preparation, fn, args)
         except Exception:  # never out of this thread: the first call retries and reports
             log.debug("fastspawn: warming the zygote failed", exc_info=True)
 
 
-def _prefetch(fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
-    from multiprocessing import spawn as mp_spawn
-
+def _prefetch(preparation: Dict[str, Any], fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
     from fastspawn import _api
 
-    zygote = _api._zygotes.get(mp_spawn.get_preparation_data("fastspawn-zygote"), background=True)
+    zygote = _api._zygotes.get(preparation, background=True)
     if zygote is None:
         return  # it could not start or is unfit: the first call warns
     if zygote.pid not in _started:
