@@ -101,6 +101,8 @@ def _prefetch(preparation: Dict[str, Any], fn: Callable[..., Any], args: Tuple[A
     error = zygote.prefetch(fn, args)
     if error is not None:
         log.debug("fastspawn: the zygote's early import failed (the first call retries): %s", error)
+    else:
+        log.debug("fastspawn: zygote pid %d warmed: %s%r", zygote.pid, getattr(fn, "__name__", fn), args)
 
 
 def wait(timeout: float) -> bool:
