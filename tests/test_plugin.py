@@ -1054,3 +1054,35 @@ def test_a_zygote_that_dies_starting_early_is_not_started_again(suite: pytest.Py
     assert out.count("starting each child in a fresh interpreter instead") == 1, out
     result.stdout.fnmatch_lines(["*fastspawn: the zygote (pid *) died while starting up (exit code 3)*"])
     assert len(recorded()) == 1  # one zygote tried, during collection; the first test's call did not retry
+
+
+def test_visible_devices_come_from_the_environment_or_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastspawn import pytest_plugin
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 1,GPU-5d1e,-1,2")  # CUDA stops at -1
+    assert pytest_plugin.visible_devices() == ["3", "1", "GPU-5d1e"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert pytest_plugin.visible_devices() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    for bus in ("0000:01:00.0", "0000:41:00.0", "0000:81:00.0"):
+        (gpus / bus).mkdir()
+    monkeypatch.setattr(pytest_plugin, "_GPUS_DIR", str(gpus))
+    assert pytest_plugin.visible_devices() == ["0", "1", "2"]
+    monkeypatch.setattr(pytest_plugin, "_GPUS_DIR", str(tmp_path / "no-driver"))
+    assert pytest_plugin.visible_devices() == []
+
+
+@pytest.mark.parametrize(
+    "worker, count, share",
+    [("gw0", "3", ["a", "b"]), ("gw1", "3", ["c"]), ("gw2", "3", ["d"]), ("", "", ["a", "b", "c", "d"])],
+)
+def test_xdist_workers_share_devices_in_contiguous_disjoint_parts(
+    monkeypatch: pytest.MonkeyPatch, worker: str, count: str, share: Any
+) -> None:
+    from fastspawn import pytest_plugin
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
+    assert pytest_plugin._worker_share(["a", "b", "c", "d"])[0] == share
