@@ -4,6 +4,7 @@ the context-manager and FASTSPAWN_PATCH_TORCH=1 forms."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -61,36 +62,55 @@ SCRIPT = textwrap.dedent(
 )
 
 
+ELASTIC_MODULES = (
+    "torch.distributed.elastic.multiprocessing",
+    "torch.distributed.elastic.agent.server.local_elastic_agent",
+)
+
+
 @pytest.fixture
 def torch_mp():
-    """torch.multiprocessing and its spawn module; unpatched again after the test."""
+    """torch.multiprocessing, its spawn module and the elastic modules binding
+    start_processes (all imported before the patch); unpatched again after the test."""
     pytest.importorskip("torch")
     import importlib
 
-    modules = {name: importlib.import_module(name) for name in ("torch.multiprocessing", "torch.multiprocessing.spawn")}
+    modules = {
+        name: importlib.import_module(name)
+        for name in ("torch.multiprocessing", "torch.multiprocessing.spawn", *ELASTIC_MODULES)
+    }
     before = {name: dict(vars(module)) for name, module in modules.items()}
     yield modules
     fastspawn.unpatch_torch()
     for name, module in modules.items():
-        for key in names(modules):
+        for key in names(modules, name):
             if key in before[name]:
                 setattr(module, key, before[name][key])
 
 
-def names(modules):
-    """What is patched: every public name of torch.multiprocessing.spawn (its __all__)."""
+def names(modules, module_name):
+    """What is patched in a module: every public name of torch.multiprocessing.spawn (its
+    __all__), and start_processes in the elastic modules."""
+    if module_name in ELASTIC_MODULES:
+        return ("start_processes",)
     return tuple(modules["torch.multiprocessing.spawn"].__all__)
 
 
+def ours(module_name, name):
+    import fastspawn.elastic
+
+    return fastspawn.elastic.start_processes if module_name in ELASTIC_MODULES else getattr(fastspawn, name)
+
+
 def originals(modules):
-    return {(m, n): vars(module)[n] for m, module in modules.items() for n in names(modules) if n in vars(module)}
+    return {(m, n): vars(module)[n] for m, module in modules.items() for n in names(modules, m) if n in vars(module)}
 
 
 def assert_patched(modules):
-    for module in modules.values():
-        for name in names(modules):
+    for m, module in modules.items():
+        for name in names(modules, m):
             if name in vars(module):
-                assert vars(module)[name] is getattr(fastspawn, name), (module.__name__, name)
+                assert vars(module)[name] is ours(m, name), (m, name)
 
 
 def assert_restored(modules, saved):
@@ -105,6 +125,9 @@ def test_patch_replaces_every_name_and_unpatch_restores_identity(torch_mp):
     # torch defines all seven in torch.multiprocessing.spawn and re-exports six of them
     assert len([key for key in saved if key[0] == "torch.multiprocessing.spawn"]) == 7
     assert ("torch.multiprocessing", "ProcessRaisedException") in saved
+    # the elastic start_processes, defined in one module and bound by LocalElasticAgent's
+    elastic = [saved[(m, "start_processes")] for m in ELASTIC_MODULES]
+    assert elastic[0] is elastic[1] and elastic[0].__module__ == ELASTIC_MODULES[0]
 
     handle = fastspawn.patch_torch()
     assert handle.installed
@@ -112,6 +135,9 @@ def test_patch_replaces_every_name_and_unpatch_restores_identity(torch_mp):
     import torch.multiprocessing as mp
 
     assert mp.spawn is fastspawn.spawn and mp.ProcessExitedException is fastspawn.ProcessExitedException
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+
+    assert local_elastic_agent.start_processes.__module__ == "fastspawn.elastic"
 
     fastspawn.unpatch_torch()
     assert_restored(torch_mp, saved)
@@ -207,3 +233,119 @@ def test_patch_torch_without_torch_says_so(tmp_path):
     env.pop("FASTSPAWN_PATCH_TORCH", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("fastspawn.patch_torch() needs torch, which cannot be imported:")
+
+
+def run_python(args, env=None, timeout=120):
+    """Run ``python ARGS`` in its own session; killed with everything it started if it
+    outlives ``timeout``. Returns the CompletedProcess (text)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_elastic_modules_imported_after_the_patch_are_patched_and_restored():
+    pytest.importorskip("torch")
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import fastspawn, fastspawn.elastic as fe
+        fastspawn.patch_torch()
+        assert "torch.distributed.elastic.multiprocessing" not in sys.modules
+        import torch.distributed.elastic.agent.server.local_elastic_agent as lea
+        import torch.distributed.elastic.multiprocessing as tem
+        seen = {"patched": [lea.start_processes is fe.start_processes, tem.start_processes is fe.start_processes]}
+        fastspawn.unpatch_torch()
+        seen["restored"] = [lea.start_processes is tem.start_processes, tem.start_processes.__module__]
+        seen["hooked"] = any(type(finder).__module__ == "fastspawn._patch" for finder in sys.meta_path)
+        print(json.dumps(seen))
+        """
+    )
+    proc = run_python(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen == {
+        "patched": [True, True],
+        "restored": [True, "torch.distributed.elastic.multiprocessing"],
+        "hooked": False,
+    }
+
+
+ELASTIC_SCRIPT = os.path.join(os.path.dirname(__file__), "_patch_elastic.py")
+
+
+@pytest.fixture(scope="module")
+def elastic_runs(tmp_path_factory):
+    """tests/_patch_elastic.py's scenarios under torch as installed and under
+    patch_torch() (then unpatched), run side by side: mode -> its JSON report."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("elastic")
+    procs = {}
+    try:
+        for mode in ("torch", "patched"):
+            (out / mode).mkdir()
+            procs[mode] = subprocess.Popen(
+                [sys.executable, ELASTIC_SCRIPT, mode, str(out / mode)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        results = {}
+        for mode, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=150)
+            assert proc.returncode == 0, stderr
+            results[mode] = json.loads(stdout.splitlines()[-1])
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+
+def ranks(attempt, fastspawn_started):
+    return {str(r): {"rank": r, "attempt": attempt, "fastspawn": fastspawn_started} for r in (0, 1)}
+
+
+FAILED = {
+    "raised": "torch.distributed.elastic.multiprocessing.errors.ChildFailedError",
+    "name": "worker",
+    # rank 1 raised on both attempts (max_restarts=1): reported from attempt 1's error file
+    "failures": {"1": {"local_rank": 1, "exitcode": 1, "error": "ValueError: boom", "attempt": ["1"]}},
+}
+
+
+@pytest.mark.timeout(200)
+def test_elastic_launch_starts_workers_through_fastspawn_elastic_when_patched(elastic_runs):
+    patched = elastic_runs["patched"]
+    assert patched["ok"] == {"returned": ranks(0, True)}
+    assert patched["restart"] == {"returned": ranks(1, True)}  # one restart used
+    assert {key: patched["fail"][key] for key in FAILED} == FAILED
+    # unpatched again: torch's own start_processes
+    assert patched["after_unpatch"] == {"returned": ranks(0, False)}
+
+
+@pytest.mark.timeout(200)
+def test_elastic_launch_patched_same_as_torch(elastic_runs):
+    """Same return values, restarts, ChildFailedError and report (times, pids, paths and the
+    traceback's frames aside) as torch's own; only the engine differs."""
+    torch_run, patched = elastic_runs["torch"], elastic_runs["patched"]
+    assert torch_run["ok"] == {"returned": ranks(0, False)}  # the marker's control
+    for scenario in ("ok", "restart"):
+        for value in patched[scenario]["returned"].values():
+            value["fastspawn"] = False
+        assert patched[scenario] == torch_run[scenario], scenario
+    assert patched["fail"] == torch_run["fail"]
+    assert "rank      : 1 (local_rank: 1)" in torch_run["fail"]["report"]
