@@ -349,3 +349,128 @@ def test_elastic_launch_patched_same_as_torch(elastic_runs):
         assert patched[scenario] == torch_run[scenario], scenario
     assert patched["fail"] == torch_run["fail"]
     assert "rank      : 1 (local_rank: 1)" in torch_run["fail"]["report"]
+
+
+# An unmodified script: torch's spawn, no mention of fastspawn. Prints what it saw.
+UNMODIFIED = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    import traceback
+
+    at_start = {"fastspawn": "fastspawn" in sys.modules, "torch": "torch" in sys.modules}
+    import torch.multiprocessing as mp
+
+
+    def engine(i, path):
+        frames = [frame.filename.replace(os.sep, "/") for frame in traceback.extract_stack()]
+        with open(f"{path}.{i}", "w") as f:
+            json.dump(any(name.endswith("fastspawn/_child.py") for name in frames), f)
+
+
+    if __name__ == "__main__":
+        out, rank = sys.argv[1], os.environ.get("RANK", "main")
+        mp.spawn(engine, args=(f"{out}/{rank}",), nprocs=2)
+        started = []
+        for i in range(2):
+            with open(f"{out}/{rank}.{i}") as f:
+                started.append(json.load(f))
+        # torchrun's workers: fastspawn's engine leaves them in the agent's session (own
+        # process group), torch's Popen(start_new_session=True) gives each its own session.
+        seen = {"at_start": at_start, "spawn_on_fastspawn": started, "own_session": os.getsid(0) == os.getpid()}
+        with open(f"{out}/seen.{rank}", "w") as f:
+            json.dump(seen, f)
+    """
+)
+
+
+def test_pth_file_installed_with_the_package():
+    """The .pth ships with the package, sits in a site directory (so it runs at every
+    interpreter start) and imports fastspawn only when the variable is set."""
+    import importlib.metadata
+    import site
+
+    files = [f for f in importlib.metadata.distribution("fastspawn").files if f.name == "fastspawn_patch_torch.pth"]
+    assert len(files) == 1
+    path = files[0].locate()
+    site_dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    assert os.path.dirname(os.path.realpath(path)) in [os.path.realpath(d) for d in site_dirs]
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    assert lines == ['import os; os.environ.get("FASTSPAWN_PATCH_TORCH") == "1" and __import__("fastspawn")']
+
+
+STARTUP = "import json, sys; print(json.dumps(sorted(sys.modules)))"
+
+
+@pytest.mark.parametrize("value", [None, "0", ""])
+def test_without_the_variable_interpreter_start_imports_nothing(value):
+    env = {k: v for k, v in os.environ.items() if k != "FASTSPAWN_PATCH_TORCH"}
+    if value is not None:
+        env["FASTSPAWN_PATCH_TORCH"] = value
+    out = subprocess.run([sys.executable, "-c", "import sys; print('fastspawn' in sys.modules)"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert (out.stdout, out.stderr) == ("False\n", "")
+    modules = json.loads(subprocess.run([sys.executable, "-c", STARTUP], env=env, capture_output=True, text=True,
+                                        timeout=60, check=True).stdout)
+    assert not [m for m in modules if m.split(".")[0] in ("fastspawn", "torch")]
+
+
+def test_with_the_variable_interpreter_start_hooks_without_importing_torch(tmp_path):
+    for env in ({**os.environ, "FASTSPAWN_PATCH_TORCH": "1"}, {**env_without_torch(tmp_path), "FASTSPAWN_PATCH_TORCH": "1"}):
+        out = subprocess.run([sys.executable, "-c", STARTUP], env=env, capture_output=True, text=True, timeout=60)
+        modules = json.loads(out.stdout)
+        assert out.stderr == "" and "fastspawn._patch" in modules and "torch" not in modules
+
+
+def test_unmodified_script_runs_on_fastspawn_with_the_variable(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "train.py"
+    script.write_text(UNMODIFIED)
+    for value, expected in (("1", True), ("0", False)):
+        out = tmp_path / value
+        out.mkdir()
+        proc = run_python([str(script), str(out)], {"FASTSPAWN_PATCH_TORCH": value})
+        assert proc.returncode == 0, proc.stderr
+        seen = json.loads((out / "seen.main").read_text())
+        assert seen["at_start"] == {"fastspawn": expected, "torch": False}
+        assert seen["spawn_on_fastspawn"] == [expected, expected]
+
+
+def torchrun():
+    """This Python's torchrun (the console script), or its module."""
+    script = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.mark.timeout(200)
+def test_torchrun_with_the_variable_runs_agent_and_workers_on_fastspawn(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "train.py"
+    script.write_text(UNMODIFIED)
+    procs = {}
+    try:
+        for value in ("1", "0"):
+            (tmp_path / value).mkdir()
+            procs[value] = subprocess.Popen(
+                [*torchrun(), "--nproc-per-node", "2", "--monitor-interval", "0.05", str(script), str(tmp_path / value)],
+                env={**os.environ, "FASTSPAWN_PATCH_TORCH": value},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        for proc in procs.values():
+            _, stderr = proc.communicate(timeout=150)
+            assert proc.returncode == 0, stderr
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    for value, patched in (("1", True), ("0", False)):
+        for rank in (0, 1):
+            seen = json.loads((tmp_path / value / f"seen.{rank}").read_text())
+            assert seen["own_session"] is not patched  # the agent started it with fastspawn's engine
+            assert seen["spawn_on_fastspawn"] == [patched, patched]  # and the worker's own spawn
