@@ -13,6 +13,7 @@ import pytest
 from _no_torch import env_without_torch
 
 import fastspawn
+from fastspawn import _patch
 
 # Each child records whether fastspawn's child bootstrap is on its stack.
 SCRIPT = textwrap.dedent(
@@ -97,9 +98,9 @@ def names(modules, module_name):
 
 
 def ours(module_name, name):
-    import fastspawn.elastic
-
-    return fastspawn.elastic.start_processes if module_name in ELASTIC_MODULES else getattr(fastspawn, name)
+    """What the patch puts in torch's place: fastspawn's name, or for the elastic
+    start_processes the function that calls fastspawn.elastic's."""
+    return _patch._elastic_start_processes if module_name in ELASTIC_MODULES else getattr(fastspawn, name)
 
 
 def originals(modules):
@@ -137,13 +138,40 @@ def test_patch_replaces_every_name_and_unpatch_restores_identity(torch_mp):
     assert mp.spawn is fastspawn.spawn and mp.ProcessExitedException is fastspawn.ProcessExitedException
     from torch.distributed.elastic.agent.server import local_elastic_agent
 
-    assert local_elastic_agent.start_processes.__module__ == "fastspawn.elastic"
+    assert local_elastic_agent.start_processes is _patch._elastic_start_processes
 
     fastspawn.unpatch_torch()
     assert_restored(torch_mp, saved)
     assert {m: set(vars(module)) for m, module in torch_mp.items()} == names_before  # nothing added
     fastspawn.unpatch_torch()  # not patched: nothing to do
     assert_restored(torch_mp, saved)
+
+
+def test_patched_elastic_start_processes_is_fastspawns_but_torchs_with_numa_options(torch_mp, tmp_path):
+    from torch.distributed.elastic import multiprocessing as tem
+    from torch.numa.binding import AffinityMode, NumaOptions
+
+    def start(**options):
+        logs = tem.DefaultLogsSpecs(log_dir=str(tmp_path))
+        context = tem.start_processes("t", "true", {0: ()}, {0: {}}, logs, **options)
+        try:
+            result = context.wait(60)
+            assert result is not None and not result.is_failed()
+        finally:
+            context.close()
+        return type(context).__module__
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        with fastspawn.patch_torch():
+            assert start() == "fastspawn.elastic.api"
+            # NUMA binding: torch's own (here falling back to no binding: no GPU to bind to)
+            numa = NumaOptions(affinity_mode=AffinityMode.NODE, should_fall_back_if_binding_fails=True)
+            assert start(numa_options=numa) == "torch.distributed.elastic.multiprocessing.api"
+        assert start() == "torch.distributed.elastic.multiprocessing.api"
+    finally:  # both libraries' start() install handlers that raise SignalException
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_patch_is_idempotent(torch_mp):
@@ -260,12 +288,13 @@ def test_elastic_modules_imported_after_the_patch_are_patched_and_restored():
     code = textwrap.dedent(
         """
         import json, sys
-        import fastspawn, fastspawn.elastic as fe
+        import fastspawn, fastspawn._patch
         fastspawn.patch_torch()
         assert "torch.distributed.elastic.multiprocessing" not in sys.modules
         import torch.distributed.elastic.agent.server.local_elastic_agent as lea
         import torch.distributed.elastic.multiprocessing as tem
-        seen = {"patched": [lea.start_processes is fe.start_processes, tem.start_processes is fe.start_processes]}
+        ours = fastspawn._patch._elastic_start_processes
+        seen = {"patched": [lea.start_processes is ours, tem.start_processes is ours]}
         fastspawn.unpatch_torch()
         seen["restored"] = [lea.start_processes is tem.start_processes, tem.start_processes.__module__]
         seen["hooked"] = any(type(finder).__module__ == "fastspawn._patch" for finder in sys.meta_path)

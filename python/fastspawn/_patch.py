@@ -10,7 +10,8 @@
   that bind it at import (``torch.distributed.elastic.agent.server.local_elastic_agent``,
   ``torch.backends.xeon.run_cpu``) with :func:`fastspawn.elastic.start_processes`, so that
   ``LocalElasticAgent`` (``torchrun``, ``elastic_launch``, accelerate's
-  ``notebook_launcher``) starts its workers through :mod:`fastspawn.elastic`.
+  ``notebook_launcher``) starts its workers through :mod:`fastspawn.elastic` (except with
+  ``numa_options``: fastspawn does no NUMA binding, torch's own starts those).
 
 A module of that list imported while the patch is on is patched as its import completes
 (an import hook on ``sys.meta_path``), so the patch never imports the elastic modules
@@ -32,7 +33,7 @@ import sys
 import threading
 from importlib.machinery import ModuleSpec
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 __all__ = ["TorchPatch", "patch_torch", "unpatch_torch"]
 
@@ -68,11 +69,44 @@ _saved: Optional[Dict[Tuple[str, str], object]] = None
 _originals: Dict[Tuple[str, str], object] = {}
 
 
+def _elastic_start_processes(
+    name: str,
+    entrypoint: Any,
+    args: Dict[int, Tuple[Any, ...]],
+    envs: Dict[int, Dict[str, str]],
+    logs_specs: Any,
+    log_line_prefixes: Optional[Dict[int, str]] = None,
+    start_method: str = "spawn",
+    numa_options: Any = None,
+    duplicate_stdout_filters: Optional[List[str]] = None,
+    duplicate_stderr_filters: Optional[List[str]] = None,
+) -> Any:
+    """torch's ``torch.distributed.elastic.multiprocessing.start_processes`` while patched:
+    :func:`fastspawn.elastic.start_processes`, except with ``numa_options`` (NUMA binding,
+    which fastspawn does not do), where torch's own starts the workers."""
+    from . import elastic
+
+    start: Any = elastic.start_processes
+    if numa_options is not None:
+        log.info("fastspawn: numa_options given; torch's start_processes starts the workers")
+        start = _originals[(_ELASTIC, "start_processes")]
+    return start(
+        name=name,
+        entrypoint=entrypoint,
+        args=args,
+        envs=envs,
+        logs_specs=logs_specs,
+        log_line_prefixes=log_line_prefixes,
+        start_method=start_method,
+        numa_options=numa_options,
+        duplicate_stdout_filters=duplicate_stdout_filters,
+        duplicate_stderr_filters=duplicate_stderr_filters,
+    )
+
+
 def _ours(group: str) -> Dict[str, object]:
     if group == _ELASTIC:
-        from . import elastic
-
-        return {"start_processes": elastic.start_processes}
+        return {"start_processes": _elastic_start_processes}
     from . import _api, _errors
 
     ours: Dict[str, object] = {name: getattr(_errors, name) for name in _errors.__all__}
@@ -240,7 +274,8 @@ def patch_torch() -> TorchPatch:
     ``torch.multiprocessing.spawn``) become fastspawn's, and
     ``torch.distributed.elastic.multiprocessing.start_processes`` (there and where torch
     binds it: ``LocalElasticAgent``'s module, ``torch.backends.xeon.run_cpu``) becomes
-    :func:`fastspawn.elastic.start_processes`. Elastic modules imported later are patched
+    :func:`fastspawn.elastic.start_processes` (torch's own when given ``numa_options``,
+    which fastspawn does not support). Elastic modules imported later are patched
     as they load. Calling it again while patched does nothing. Works as a plain call (undo
     with :func:`unpatch_torch`) and as a context manager::
 
