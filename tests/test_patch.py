@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from _no_torch import env_without_torch
@@ -263,24 +264,34 @@ def test_patch_torch_without_torch_says_so(tmp_path):
     assert out.stdout.startswith("fastspawn.patch_torch() needs torch, which cannot be imported:")
 
 
-def run_python(args, env=None, timeout=120):
-    """Run ``python ARGS`` in its own session; killed with everything it started if it
-    outlives ``timeout``. Returns the CompletedProcess (text)."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def run_side_by_side(commands, timeout=150):
+    """Run each ``(argv, extra_env)`` at once, each in its own session; anything still
+    running after ``timeout`` seconds is killed with all it started. Returns the
+    CompletedProcess (text) of each, in order."""
+    procs = []
     try:
-        out, err = proc.communicate(timeout=timeout)
+        for argv, env in commands:
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    env={**os.environ, **(env or {})},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        done = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        return done
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
 
 
 def test_elastic_modules_imported_after_the_patch_are_patched_and_restored():
@@ -301,7 +312,7 @@ def test_elastic_modules_imported_after_the_patch_are_patched_and_restored():
         print(json.dumps(seen))
         """
     )
-    proc = run_python(["-c", code])
+    (proc,) = run_side_by_side([([sys.executable, "-c", code], None)])
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen == {
@@ -320,28 +331,13 @@ def elastic_runs(tmp_path_factory):
     patch_torch() (then unpatched), run side by side: mode -> its JSON report."""
     pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("elastic")
-    procs = {}
-    try:
-        for mode in ("torch", "patched"):
-            (out / mode).mkdir()
-            procs[mode] = subprocess.Popen(
-                [sys.executable, ELASTIC_SCRIPT, mode, str(out / mode)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-        results = {}
-        for mode, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=150)
-            assert proc.returncode == 0, stderr
-            results[mode] = json.loads(stdout.splitlines()[-1])
-        return results
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+    modes = ("torch", "patched")
+    for mode in modes:
+        (out / mode).mkdir()
+    procs = run_side_by_side([([sys.executable, ELASTIC_SCRIPT, mode, str(out / mode)], None) for mode in modes])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    return {mode: json.loads(proc.stdout.splitlines()[-1]) for mode, proc in zip(modes, procs)}
 
 
 def ranks(attempt, fastspawn_started):
@@ -457,12 +453,15 @@ def test_unmodified_script_runs_on_fastspawn_with_the_variable(tmp_path):
     pytest.importorskip("torch")
     script = tmp_path / "train.py"
     script.write_text(UNMODIFIED)
-    for value, expected in (("1", True), ("0", False)):
-        out = tmp_path / value
-        out.mkdir()
-        proc = run_python([str(script), str(out)], {"FASTSPAWN_PATCH_TORCH": value})
+    cases = (("1", True), ("0", False))
+    for value, _ in cases:
+        (tmp_path / value).mkdir()
+    procs = run_side_by_side(
+        [([sys.executable, str(script), str(tmp_path / value)], {"FASTSPAWN_PATCH_TORCH": value}) for value, _ in cases]
+    )
+    for proc, (value, expected) in zip(procs, cases):
         assert proc.returncode == 0, proc.stderr
-        seen = json.loads((out / "seen.main").read_text())
+        seen = json.loads((tmp_path / value / "seen.main").read_text())
         assert seen["at_start"] == {"fastspawn": expected, "torch": False}
         assert seen["spawn_on_fastspawn"] == [expected, expected]
 
@@ -478,26 +477,19 @@ def test_torchrun_with_the_variable_runs_agent_and_workers_on_fastspawn(tmp_path
     pytest.importorskip("torch")
     script = tmp_path / "train.py"
     script.write_text(UNMODIFIED)
-    procs = {}
-    try:
-        for value in ("1", "0"):
-            (tmp_path / value).mkdir()
-            procs[value] = subprocess.Popen(
+    for value in ("1", "0"):
+        (tmp_path / value).mkdir()
+    procs = run_side_by_side(
+        [
+            (
                 [*torchrun(), "--nproc-per-node", "2", "--monitor-interval", "0.05", str(script), str(tmp_path / value)],
-                env={**os.environ, "FASTSPAWN_PATCH_TORCH": value},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
+                {"FASTSPAWN_PATCH_TORCH": value},
             )
-        for proc in procs.values():
-            _, stderr = proc.communicate(timeout=150)
-            assert proc.returncode == 0, stderr
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+            for value in ("1", "0")
+        ]
+    )
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
     for value, patched in (("1", True), ("0", False)):
         for rank in (0, 1):
             seen = json.loads((tmp_path / value / f"seen.{rank}").read_text())

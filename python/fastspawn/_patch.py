@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import inspect
 import logging
 import sys
 import threading
 from importlib.machinery import ModuleSpec
 from types import ModuleType, TracebackType
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 __all__ = ["TorchPatch", "patch_torch", "unpatch_torch"]
 
@@ -69,39 +70,18 @@ _saved: Optional[Dict[Tuple[str, str], object]] = None
 _originals: Dict[Tuple[str, str], object] = {}
 
 
-def _elastic_start_processes(
-    name: str,
-    entrypoint: Any,
-    args: Dict[int, Tuple[Any, ...]],
-    envs: Dict[int, Dict[str, str]],
-    logs_specs: Any,
-    log_line_prefixes: Optional[Dict[int, str]] = None,
-    start_method: str = "spawn",
-    numa_options: Any = None,
-    duplicate_stdout_filters: Optional[List[str]] = None,
-    duplicate_stderr_filters: Optional[List[str]] = None,
-) -> Any:
-    """torch's ``torch.distributed.elastic.multiprocessing.start_processes`` while patched:
-    :func:`fastspawn.elastic.start_processes`, except with ``numa_options`` (NUMA binding,
-    which fastspawn does not do), where torch's own starts the workers."""
+def _elastic_start_processes(*args: Any, **kwargs: Any) -> Any:
+    """torch's ``torch.distributed.elastic.multiprocessing.start_processes`` while patched
+    (same arguments): :func:`fastspawn.elastic.start_processes`, except with
+    ``numa_options`` (NUMA binding, which fastspawn does not do), where torch's own starts
+    the workers."""
     from . import elastic
 
     start: Any = elastic.start_processes
-    if numa_options is not None:
+    if inspect.signature(start).bind(*args, **kwargs).arguments.get("numa_options") is not None:
         log.info("fastspawn: numa_options given; torch's start_processes starts the workers")
         start = _originals[(_ELASTIC, "start_processes")]
-    return start(
-        name=name,
-        entrypoint=entrypoint,
-        args=args,
-        envs=envs,
-        logs_specs=logs_specs,
-        log_line_prefixes=log_line_prefixes,
-        start_method=start_method,
-        numa_options=numa_options,
-        duplicate_stdout_filters=duplicate_stdout_filters,
-        duplicate_stderr_filters=duplicate_stderr_filters,
-    )
+    return start(*args, **kwargs)
 
 
 def _ours(group: str) -> Dict[str, object]:
