@@ -48,8 +48,9 @@ def __dir__() -> list[str]:
 
 
 def _patch_torch_if_asked() -> None:
-    # FASTSPAWN_PATCH_TORCH=1: torch's spawn becomes fastspawn's at import (torch is
-    # imported only then, and its absence is not an error).
+    # FASTSPAWN_PATCH_TORCH=1: torch's spawn and elastic start_processes become fastspawn's,
+    # now if torch is imported, else as it is imported (never importing it here). The
+    # fastspawn_patch_torch.pth file imports fastspawn at interpreter start when it is set.
     from os import environ
 
     if environ.get("FASTSPAWN_PATCH_TORCH") == "1":
