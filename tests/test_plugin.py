@@ -995,12 +995,29 @@ class EarlyTest(MultiProcessTestCase):
 """
 
 
-def test_a_testing_class_run_by_unittest_warms_the_zygote_when_defined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# The same for MultiProcContinuousTest: ranks kept across the class's tests (no process
+# group: this runs without torch too).
+UNITTEST_EARLY_CONTINUOUS = (
+    UNITTEST_EARLY.replace("import MultiProcessTestCase", "import MultiProcContinuousTest")
+    .replace("class EarlyTest(MultiProcessTestCase):", """class EarlyTest(MultiProcContinuousTest):
+    @classmethod
+    def _init_pg(cls, rank, world_size, rdvz_file):
+        pass
+""")
+    .replace("        self._spawn_processes()\n", "        super().setUp()\n")
+    .replace("    def setUp(self):\n        super().setUp()\n", "    def setUp(self):\n")
+)
+
+
+@pytest.mark.parametrize("source", [UNITTEST_EARLY, UNITTEST_EARLY_CONTINUOUS], ids=["MultiProcessTestCase", "MultiProcContinuousTest"])
+def test_a_testing_class_run_by_unittest_warms_the_zygote_when_defined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
     records = tmp_path / "records"
     records.mkdir()
     monkeypatch.setenv("RECORD_DIR", str(records))
     (tmp_path / "recorder.py").write_text(RECORDER)
-    (tmp_path / "test_unittest_early.py").write_text(UNITTEST_EARLY)
+    (tmp_path / "test_unittest_early.py").write_text(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "FASTSPAWN_"))}
     env.update(RECORD_DIR=str(records), PYTHONUNBUFFERED="1")
     out = subprocess.run(

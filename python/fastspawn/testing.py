@@ -419,7 +419,18 @@ class _RankEntry(_Entry):
 
 
 # ----------------------------------------------------------------------- the class
-class _MultiProcessTestCaseBase(unittest.TestCase):
+class _WarmsTheZygote(unittest.TestCase):
+    """A base whose subclasses, as they are defined, start the zygote in the background
+    (and have it import the class's module): see :func:`fastspawn._prewarm.class_defined`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from fastspawn import _prewarm
+
+        _prewarm.class_defined(cls)
+
+
+class _MultiProcessTestCaseBase(_WarmsTheZygote):
     """The logic of :class:`MultiProcessTestCase` (which adds torch's TestCase as a base)."""
 
     MAIN_PROCESS_RANK = -1
@@ -435,12 +446,6 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
     pid_to_pipe: Dict[int, Any]
     special_return_code_checks: Dict[Any, int]
     skip_return_code_checks: List[Any]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        from fastspawn import _prewarm
-
-        _prewarm.class_defined(cls)  # the zygote warms up (and imports the class's module) meanwhile
 
     def _should_stop_test_suite(self) -> bool:
         return False  # one failing distributed test does not end the run
@@ -753,7 +758,7 @@ def _remove_directory(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class _MultiProcContinuousTestBase(unittest.TestCase):
+class _MultiProcContinuousTestBase(_WarmsTheZygote):
     """The logic of :class:`MultiProcContinuousTest` (which adds torch's TestCase as a base).
 
     Parent side, per class: ``world_size`` ranks started at the first test, each holding a
