@@ -301,7 +301,7 @@ def test_start_errors_same_as_torch(tmp_path):
         ("hello", w.hello, {0: ("a",)}, {0: {}, 2: {}}),
         ("echo", "echo", {1: ("a",)}, {1: {}}),
         ("missing", "fastspawn-no-such-program", {0: ("a",)}, {0: {}}),
-        ("missing", "/nonexistent/program", {0: ("a",)}, {0: {}}),
+        ("missing", str(tmp_path / "no-such-dir" / "program"), {0: ("a",)}, {0: {}}),
     ]
     for name, entrypoint, args, envs in cases:
         seen = []

@@ -863,12 +863,13 @@ def test_group_input_and_result(tracker, use_pidfd, size):
 
 
 @pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd", "thread"])
-def test_group_exec_missing_program(tracker, use_pidfd):
+def test_group_exec_missing_program(tracker, use_pidfd, tmp_path):
     group = _core.Group(2, use_pidfd)
+    missing = str(tmp_path / "no-such-program")
     gc.collect()
     before, fds = children_now(), open_fds()
     with pytest.raises(FileNotFoundError):
-        group.start_exec(0, "/nonexistent", ["/nonexistent"], [], [])
+        group.start_exec(0, missing, [missing], [], [])
     assert group.pid(0) == -1
     assert not group.running(0)
     assert group.send_signal(0, signal.SIGTERM) is False

@@ -702,8 +702,10 @@ import pytest
 from recorder import record
 {extra}
 IMPORTED_IN = os.getpid()
-_zygote = sys.modules.get("fastspawn._zygote")
-if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote, not by a rank
+# (an import, not sys.modules: the early start may be importing fastspawn._zygote in
+# another thread right now)
+from fastspawn._zygote import in_zygote_tree
+if in_zygote_tree():  # imported by the zygote, not by a rank
     record("zygote-" + __name__.rpartition(".")[2], pid=os.getpid(), ppid=os.getppid(),
            loader=type(__loader__).__name__)
 
@@ -720,8 +722,10 @@ import os, sys
 from recorder import record
 
 IMPORTED_IN = os.getpid()
-_zygote = sys.modules.get("fastspawn._zygote")
-if _zygote is not None and _zygote.in_zygote_tree():
+# (an import, not sys.modules: the early start may be importing fastspawn._zygote in
+# another thread right now)
+from fastspawn._zygote import in_zygote_tree
+if in_zygote_tree():
     record("zygote-test_fixture", pid=os.getpid(), ppid=os.getppid(), loader=type(__loader__).__name__)
 
 def report(i):
@@ -785,8 +789,10 @@ STUCK = """
 import os, sys, time
 import pytest
 
-_zygote = sys.modules.get("fastspawn._zygote")
-if _zygote is not None and _zygote.in_zygote_tree():
+# (an import, not sys.modules: the early start may be importing fastspawn._zygote in
+# another thread right now)
+from fastspawn._zygote import in_zygote_tree
+if in_zygote_tree():
     time.sleep(120)  # the early import gets stuck (the zygote is given up long before)
 
 @pytest.mark.parametrize("i", range(2))
@@ -967,8 +973,10 @@ from fastspawn.testing import MultiProcessTestCase
 from recorder import record, recorded
 
 IMPORTED_IN = os.getpid()
-_zygote = sys.modules.get("fastspawn._zygote")
-if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote
+# (an import, not sys.modules: the early start may be importing fastspawn._zygote in
+# another thread right now)
+from fastspawn._zygote import in_zygote_tree
+if in_zygote_tree():  # imported by the zygote
     record("zygote-import", pid=os.getpid(), ppid=os.getppid())
 
 
@@ -1049,8 +1057,10 @@ KILLER = """
 import os, sys
 from recorder import record
 
-_zygote = sys.modules.get("fastspawn._zygote")
-if _zygote is not None and _zygote.in_zygote_tree():  # preloaded by a zygote: it dies starting
+# (an import, not sys.modules: the early start may be importing fastspawn._zygote in
+# another thread right now)
+from fastspawn._zygote import in_zygote_tree
+if in_zygote_tree():  # preloaded by a zygote: it dies starting
     record(f"zygote-start-{os.getpid()}", pid=os.getpid())
     os._exit(3)
 """

@@ -44,8 +44,10 @@ def _inside_fastspawn_child() -> bool:
     multiprocessing or fastspawn: none of them starts a zygote of its own for a hint."""
     import sys
 
-    zygote = sys.modules.get("fastspawn._zygote")
-    if zygote is not None and zygote.in_zygote_tree():
+    # Not imported: not a zygote's process. Half imported (the early start imports it in
+    # another thread): not one either, a zygote has it whole before anything runs.
+    in_zygote_tree = getattr(sys.modules.get("fastspawn._zygote"), "in_zygote_tree", None)
+    if in_zygote_tree is not None and in_zygote_tree():
         return True
     mp_process = sys.modules.get("multiprocessing.process")
     return mp_process is not None and mp_process.parent_process() is not None
