@@ -202,6 +202,25 @@ class ForkedRanks(MultiProcessTestCase):
         log("fork", rank=self.rank)
 
 
+class EntryFails(MultiProcessTestCase):
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+
+    @classmethod
+    def _run(cls, rank, test_name, file_name, parent_pipe, **kwargs):
+        if rank == 1:  # outside the test body, which reports its own errors
+            raise LookupError("rank 1 failed before its test")
+        super()._run(rank, test_name, file_name, parent_pipe, **kwargs)
+
+    def test_entry_fails(self):
+        pass
+
+
 class UnknownStart(MultiProcessTestCase):
     def setUp(self):
         super().setUp()
@@ -322,6 +341,13 @@ def test_every_rank_exit_code_counts_and_a_crash_stops_the_others(behaviours):
     assert result == "failed"
     assert "Expected exit code 0 but got 3 for pid:" in text and "(process 1)" in text
     assert all(pid_gone(r["pid"]) for r in ranks_of(behaviours, "exit3"))
+
+
+def test_a_rank_failing_outside_the_test_body_shows_its_traceback(behaviours):
+    result, text = outcome(behaviours, "test_entry_fails")
+    assert result == "failed"
+    assert "Expected exit code 0 but got 1" in text and "(process 1)" in text
+    assert "LookupError: rank 1 failed before its test" in text, text
 
 
 def test_a_rank_killed_by_a_signal_shows_its_stack(behaviours):

@@ -707,6 +707,8 @@ class _MultiProcessTestCaseBase(_WarmsTheZygote):
                 stacks = self._stack_files.text(i) if process.exitcode is not None and process.exitcode < 0 else ""
                 if stacks:
                     msg += f"\n\n-- Process {i} was killed by signal {-process.exitcode}, in:\n{stacks}"
+                if self._ranks is not None:  # an error outside the test body (its setup, its exit)
+                    msg += _traceback_left(self._ranks, i)
                 self.assertEqual(process.exitcode, expected, msg=msg)
         for i, process in enumerate(self.processes):
             skip = skips.get(process.exitcode)
@@ -752,6 +754,15 @@ class _ContinuousEntry(_Entry):
         self._keep_own(rank, channels, stacks)
         queue = _RankChannel(channels[rank])
         self.test_class._worker_loop(rank, world_size, rdvz_file, queue, queue)
+
+
+def _traceback_left(run: Any, rank: int) -> str:
+    """The traceback rank ``rank`` of ``run`` reported as it failed outside what the test
+    classes catch (loading its call, an error at its exit), on a line of its own; or ""."""
+    record = _payload.decode(run.outputs[rank])
+    if record is not None and record.kind == "error" and record.traceback:
+        return f"\n{record.traceback}"
+    return ""
 
 
 def _remove_directory(path: str) -> None:
@@ -1174,10 +1185,7 @@ class _MultiProcContinuousTestBase(_WarmsTheZygote):
             if isinstance(code, int) and code < 0:
                 stacks = stack_files.text(rank) if stack_files is not None else ""
                 message += f", killed by signal {-code}" + (f", in:\n{stacks}" if stacks else "")
-            record = _payload.decode(run.outputs[rank])
-            if record is not None and record.kind == "error" and record.traceback:
-                message += f"\n{record.traceback}"
-            message += "\n"
+            message += _traceback_left(run, rank) + "\n"
         for rank in sorted(set(range(len(run.exitcodes))) - set(dead)):
             kind, text = outcomes.get(rank, ("", ""))
             if kind == "error":
