@@ -369,5 +369,7 @@ def test_split_command_line_keeps_the_targets_arguments():
     split = _cli.split_command_line
     assert split(parser, ["-n", "2", "t.py", "--", "-n", "3"]) == (["-n", "2"], _cli.Target("script", "t.py", ("--", "-n", "3")))
     assert split(parser, ["-n4", "--log-dir=d", "-m", "pkg.mod", "-x"]) == (
-        ["-n4", "--log-dir=d", "-m"], _cli.Target("module", "pkg.mod", ("-x",)))
+        ["-n4", "--log-dir=d", "-m"], _cli.Target("script", "pkg.mod", ("-x",)))  # -m applies later
+    assert split(parser, ["--max-r", "2", "--standalone", "t.py"]) == (  # abbreviations, as argparse
+        ["--max-r", "2", "--standalone"], _cli.Target("script", "t.py", ()))
     assert split(parser, ["--tee", "3", "--", "prog", "a"]) == (["--tee", "3"], _cli.Target("program", "prog", ("a",)))
