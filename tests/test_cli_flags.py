@@ -123,3 +123,26 @@ def test_signals_to_handle_stops_the_ranks_on_another_signal(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_logs_specs_loads_the_registered_class(tmp_path):
+    """--logs-specs NAME: the torchrun.logs_specs entry point NAME (a subclass of torch's
+    LogsSpecs) decides the ranks' log destinations, as under torchrun."""
+    pytest.importorskip("torch")
+    info = tmp_path / "mylogs-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mylogs\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[torchrun.logs_specs]\nmine = mylogs_mod:MyLogs\n")
+    (tmp_path / "mylogs_mod.py").write_text(
+        "from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs\n"
+        "class MyLogs(DefaultLogsSpecs):\n"
+        "    def reify(self, envs):\n"
+        "        print('MyLogs.reify', sorted(envs), flush=True)\n"
+        "        return super().reify(envs)\n")
+    log_dir = tmp_path / "logs"
+    proc = run("--logs-specs", "mine", "--log-dir", log_dir, "--redirects", "1", "-n", "2", SCRIPT, "env",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["MyLogs.reify [0, 1]"]  # the ranks' stdout went to their files
+    logs = sorted(log_dir.rglob("stdout.log"))
+    assert [json.loads(p.read_text())["RANK"] for p in logs] == ["0", "1"]

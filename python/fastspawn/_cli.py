@@ -62,13 +62,16 @@ examples:
   {PROG} -n 8 --nnodes 2 --node-rank 0 --master-addr node0 train.py   on node0
   {PROG} -n 8 --nnodes 2 --node-rank 1 --master-addr node0 train.py   on node1
   srun -N 2 --ntasks-per-node 1 {PROG} -n 8 train.py   Slurm: 16 ranks on 2 nodes
+  {PROG} -n 8 --nnodes 1:4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id job1 \\
+      --max-restarts 3 train.py         elastic: run on each node (torch's rendezvous)
 
-Each output line of a rank is shown whole, prefixed with its global rank ("[3]:hello");
-TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE (${{rank}}, ${{local_rank}}, ${{role_name}})
-changes the prefix as under torchrun. The exit status is the first failed rank's (128+N
-for a signal N), after a summary naming every failed rank; Ctrl-C stops the ranks
-(SIGTERM, then SIGKILL after --shutdown-timeout; a second Ctrl-C kills at once) and exits
-with 130."""
+Any torchrun command line works with `torchrun` replaced by `{PROG}` (same flags, defaults
+and PET_* variables). Each output line of a rank is shown whole, prefixed with its global
+rank ("[3]:hello"); TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE (${{rank}}, ${{local_rank}},
+${{role_name}}) changes the prefix as under torchrun. The exit status is the first failed
+rank's (128+N for a signal N), after a summary naming every failed rank; Ctrl-C stops the
+ranks (SIGTERM, then SIGKILL after --shutdown-timeout; a second Ctrl-C kills at once) and
+exits with 130."""
 
 
 class UsageError(Exception):
@@ -904,6 +907,10 @@ def _settings(options: argparse.Namespace, env: Mapping[str, str]) -> LaunchSett
         _needs_torch("--logs-specs")
         _logs_specs_class(options.logs_specs)
     options.nproc_per_node = resolve_nproc(options.nproc_per_node, env)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if options.virtual_local_rank and visible is not None and len(visible.split(",")) < options.nproc_per_node:
+        raise UsageError(f"--virtual-local-rank: local rank {len(visible.split(','))} has no device in "
+                         f"CUDA_VISIBLE_DEVICES={visible}")
     shutdown = options.shutdown_timeout
     if shutdown is None:
         text = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(DEFAULT_SHUTDOWN_TIMEOUT)))
@@ -1181,10 +1188,12 @@ def make_logs_specs(options: argparse.Namespace, nproc: int) -> Any:
     not redirected to a file goes to the console teed (whole, prefixed lines)."""
     from .elastic import DefaultLogsSpecs, Std, to_map
 
-    if options.logs_specs is not None:
+    if options.logs_specs is not None:  # a subclass of torch's LogsSpecs, which takes torch's Std
+        from torch.distributed.elastic.multiprocessing import Std as TorchStd
+
         return _logs_specs_class(options.logs_specs)(
-            log_dir=options.log_dir, redirects=Std.from_str(options.redirects), tee=Std.from_str(options.tee),
-            local_ranks_filter=options.local_ranks_filter)
+            log_dir=options.log_dir, redirects=TorchStd.from_str(options.redirects),
+            tee=TorchStd.from_str(options.tee), local_ranks_filter=options.local_ranks_filter)
     redirects = to_map(Std.from_str(options.redirects), nproc)
     tee = to_map(Std.from_str(options.tee), nproc)
     tee = {i: tee[i] | (Std.ALL & ~redirects[i]) for i in range(nproc)}
