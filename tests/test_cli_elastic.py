@@ -141,12 +141,12 @@ def cluster():
     nodes = []
 
     def start(launcher, nnodes, run_id, local_addr, *extra, nproc=2, max_restarts=0, script_args=(), env=None,
-              conf=""):
+              conf="", script=WORKER):
         args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", run_id,
                 "--rdzv-conf", "is_host=0,join_timeout=120,last_call_timeout=1" + conf,
                 "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *extra,
-                WORKER, *script_args]
+                script, *script_args]
         node = Node(launcher, args, local_addr, env or {})
         nodes.append(node)
         return node
@@ -230,3 +230,19 @@ def test_two_jobs_on_one_store_are_kept_apart_by_run_id(cluster):
         ranks = {**done(nodes[0].records), **done(nodes[1].records)}
         assert sorted(ranks) == [0, 1, 2, 3]
         assert {r["run_id"] for r in ranks.values()} == {run_id} and all(r["world"] == 4 for r in ranks.values())
+
+
+def test_ctrl_c_stops_an_elastic_node(cluster, tmp_path):
+    node = cluster("fastspawn", "1", "ctrl-c", "127.0.0.1", "--shutdown-timeout", "1",
+                   script=str(HERE / "_cli_script.py"), script_args=["hang", str(tmp_path)])
+    deadline = time.monotonic() + WAIT
+    while len(list(tmp_path.glob("*.pid"))) < 2:
+        assert node.proc.poll() is None, "".join(node.stderr)
+        assert time.monotonic() < deadline, "ranks did not start"
+        time.sleep(0.05)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    node.proc.send_signal(signal.SIGINT)
+    assert node.finish() == 128 + signal.SIGINT
+    for pid in pids:  # rank 0 ignored SIGTERM: it got SIGKILL after the grace period
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
