@@ -146,3 +146,27 @@ def test_logs_specs_loads_the_registered_class(tmp_path):
     assert proc.stdout.splitlines() == ["MyLogs.reify [0, 1]"]  # the ranks' stdout went to their files
     logs = sorted(log_dir.rglob("stdout.log"))
     assert [json.loads(p.read_text())["RANK"] for p in logs] == ["0", "1"]
+
+
+@pytest.mark.parametrize("flags", [["--standalone"], ["--role", "trainer", "--max-restarts", "2", "--rdzv-id", "j",
+                                                      "--master-port", "29998"]])
+def test_rank_environment_matches_torchruns(flags):
+    """The same command line under torchrun and fastspawn: the same variables in each rank,
+    except what is per run (ports, run id uuid, error files) and MASTER_ADDR on one node
+    (torchrun's standalone c10d gives the host's name, fastspawn 127.0.0.1), and
+    TORCHELASTIC_USE_AGENT_STORE, True under fastspawn only for a script that imports torch
+    (this one does not: nobody would connect to a store served for it)."""
+    pytest.importorskip("torch")
+    args = [*flags, "--nproc-per-node", "2", SCRIPT, "env"]
+    ours = run(*args)
+    theirs = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert ours.returncode == 0 == theirs.returncode, (ours.stderr, theirs.stderr)
+    ours_by_rank = records(ours.stdout)
+    theirs_by_rank = {int(r["RANK"]): r for r in map(json.loads, theirs.stdout.splitlines())}
+    assert sorted(ours_by_rank) == sorted(theirs_by_rank) == [0, 1]
+    varying = {"MASTER_PORT", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE"} | ({"MASTER_ADDR", "TORCHELASTIC_RUN_ID"}
+                                                             if "--standalone" in flags else set())
+    for rank in (0, 1):
+        mine, torchs = ours_by_rank[rank], theirs_by_rank[rank]
+        assert {k: v for k, v in mine.items() if k not in varying} == {k: v for k, v in torchs.items() if k not in varying}

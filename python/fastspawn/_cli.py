@@ -9,8 +9,15 @@ A Python script runs through fastspawn's warm zygote: the script's top-level imp
 read from its source (``ast``) and imported once, in the zygote; each rank is then a fork
 of it that runs the script as ``__main__`` with its rank's environment already in place.
 
-This module is imported by the command's own process, which must stay light (it never
-imports torch), and by each rank (:func:`run_rank`).
+Any torchrun command line works with ``torchrun`` replaced by ``fastspawn``: the same flags,
+defaults and ``PET_*`` variables (:func:`build_parser`), resolved as torchrun resolves them
+(:class:`LaunchSettings`). An elastic rendezvous backend (c10d, etcd, ...) runs torch's agent
+with fastspawn starting the workers (``_rendezvous.py``); one node and the static
+rendezvous are fastspawn's own launch.
+
+This module is imported by the command's own process, which stays light (it imports torch
+only for the flags that need it: an elastic backend, --nproc-per-node auto/gpu/xpu,
+--logs-specs, --numa-binding), and by each rank (:func:`run_rank`).
 """
 
 from __future__ import annotations
