@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from _cli_wait import wait_for_pids
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
@@ -235,12 +236,7 @@ def test_two_jobs_on_one_store_are_kept_apart_by_run_id(cluster):
 def test_ctrl_c_stops_an_elastic_node(cluster, tmp_path):
     node = cluster("fastspawn", "1", "ctrl-c", "127.0.0.1", "--shutdown-timeout", "1",
                    script=str(HERE / "_cli_script.py"), script_args=["hang", str(tmp_path)])
-    deadline = time.monotonic() + WAIT
-    while len(list(tmp_path.glob("*.pid"))) < 2:
-        assert node.proc.poll() is None, "".join(node.stderr)
-        assert time.monotonic() < deadline, "ranks did not start"
-        time.sleep(0.05)
-    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    pids = wait_for_pids(tmp_path, 2, node.proc, WAIT)
     node.proc.send_signal(signal.SIGINT)
     assert node.finish() == 128 + signal.SIGINT
     for pid in pids:  # rank 0 ignored SIGTERM: it got SIGKILL after the grace period

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from _cli_wait import signal_hanging_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -103,23 +103,10 @@ def test_standalone_gives_torchruns_single_node_environment():
 
 
 def test_signals_to_handle_stops_the_ranks_on_another_signal(tmp_path):
-    proc = subprocess.Popen([*FASTSPAWN, "--signals-to-handle", "SIGUSR1", "-n", "2", "--shutdown-timeout", "1",
-                             SCRIPT, "hang", str(tmp_path)], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("*.pid"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "ranks did not start"
-            time.sleep(0.05)
-        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 128 + signal.SIGUSR1, err
+    code, err, pids = signal_hanging_ranks([*FASTSPAWN, "--signals-to-handle", "SIGUSR1", "-n", "2",
+                                            "--shutdown-timeout", "1", SCRIPT, "hang", str(tmp_path)],
+                                           env(), tmp_path, 2, signal.SIGUSR1)
+    assert code == 128 + signal.SIGUSR1, err
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
