@@ -136,8 +136,10 @@ def descendants(pid):
 
 
 @pytest.fixture
-def cluster():
-    """Start nodes against one c10d rendezvous store served here; kill them all at the end."""
+def cluster(tmp_path_factory):
+    """Start nodes against one c10d rendezvous store served here; kill them all at the end.
+    Their TMPDIR is the test's (torchrun leaves its temporary log directories behind)."""
+    tmpdir = str(tmp_path_factory.mktemp("nodes"))
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=WAIT))
     nodes = []
 
@@ -148,7 +150,7 @@ def cluster():
                 "--rdzv-conf", "is_host=0,join_timeout=120,last_call_timeout=1" + conf,
                 "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *extra,
                 script, *script_args]
-        node = Node(launcher, args, local_addr, env or {})
+        node = Node(launcher, args, local_addr, {"TMPDIR": tmpdir, **(env or {})})
         nodes.append(node)
         return node
 

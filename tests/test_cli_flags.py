@@ -42,6 +42,18 @@ def records(stdout):
     return out
 
 
+def json_objects(text):
+    """The JSON objects in ``text``: torchrun's ranks share its stdout unprefixed, and a
+    print under ``python -u`` is two writes (text, newline), so two ranks' lines can run
+    together as ``{...}{...}``."""
+    decoder, objects, at = json.JSONDecoder(), [], text.find("{")
+    while at >= 0:
+        obj, end = decoder.raw_decode(text, at)
+        objects.append(obj)
+        at = text.find("{", end)
+    return objects
+
+
 def test_run_path_runs_the_script_with_runpy_run_path():
     proc = run("--run-path", "-n", "2", SCRIPT, "env", "x")
     assert proc.returncode == 0, proc.stderr
@@ -137,7 +149,7 @@ def test_logs_specs_loads_the_registered_class(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--standalone"], ["--role", "trainer", "--max-restarts", "2", "--rdzv-id", "j",
                                                       "--master-port", "29998"]])
-def test_rank_environment_matches_torchruns(flags):
+def test_rank_environment_matches_torchruns(flags, tmp_path):
     """The same command line under torchrun and fastspawn: the same variables in each rank,
     except what is per run (ports, run id uuid, error files) and MASTER_ADDR on one node
     (torchrun's standalone c10d gives the host's name, fastspawn 127.0.0.1), and
@@ -146,11 +158,11 @@ def test_rank_environment_matches_torchruns(flags):
     pytest.importorskip("torch")
     args = [*flags, "--nproc-per-node", "2", SCRIPT, "env"]
     ours = run(*args)
-    theirs = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=env(), capture_output=True,
-                            text=True, timeout=120)
+    theirs = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=env(TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=120)  # its temporary log directory: here
     assert ours.returncode == 0 == theirs.returncode, (ours.stderr, theirs.stderr)
     ours_by_rank = records(ours.stdout)
-    theirs_by_rank = {int(r["RANK"]): r for r in map(json.loads, theirs.stdout.splitlines())}
+    theirs_by_rank = {int(r["RANK"]): r for r in json_objects(theirs.stdout)}
     assert sorted(ours_by_rank) == sorted(theirs_by_rank) == [0, 1]
     varying = {"MASTER_PORT", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE"} | ({"MASTER_ADDR", "TORCHELASTIC_RUN_ID"}
                                                              if "--standalone" in flags else set())
