@@ -8,10 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from _cli_wait import signal_hanging_ranks
 
 from fastspawn import _cli
 
@@ -132,22 +132,9 @@ def test_uncaught_keyboard_interrupt_ends_the_rank_by_sigint():
 
 
 def test_ctrl_c_stops_every_rank_and_exits_130(tmp_path):
-    proc = subprocess.Popen([*FASTSPAWN, "-n", "3", "--shutdown-timeout", "1", SCRIPT, "hang", str(tmp_path)],
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("*.pid"))) < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "ranks did not start"
-            time.sleep(0.05)
-        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err
+    code, err, pids = signal_hanging_ranks([*FASTSPAWN, "-n", "3", "--shutdown-timeout", "1", SCRIPT, "hang",
+                                            str(tmp_path)], clean_env(), tmp_path, 3, signal.SIGINT)
+    assert code == 130, err
     assert "Traceback" not in err
     for pid in pids:  # rank 0 ignored SIGTERM: it got SIGKILL after the grace period
         with pytest.raises(ProcessLookupError):
@@ -369,5 +356,7 @@ def test_split_command_line_keeps_the_targets_arguments():
     split = _cli.split_command_line
     assert split(parser, ["-n", "2", "t.py", "--", "-n", "3"]) == (["-n", "2"], _cli.Target("script", "t.py", ("--", "-n", "3")))
     assert split(parser, ["-n4", "--log-dir=d", "-m", "pkg.mod", "-x"]) == (
-        ["-n4", "--log-dir=d", "-m"], _cli.Target("module", "pkg.mod", ("-x",)))
+        ["-n4", "--log-dir=d", "-m"], _cli.Target("script", "pkg.mod", ("-x",)))  # -m applies later
+    assert split(parser, ["--max-r", "2", "--standalone", "t.py"]) == (  # abbreviations, as argparse
+        ["--max-r", "2", "--standalone"], _cli.Target("script", "t.py", ()))
     assert split(parser, ["--tee", "3", "--", "prog", "a"]) == (["--tee", "3"], _cli.Target("program", "prog", ("a",)))

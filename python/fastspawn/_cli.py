@@ -9,8 +9,15 @@ A Python script runs through fastspawn's warm zygote: the script's top-level imp
 read from its source (``ast``) and imported once, in the zygote; each rank is then a fork
 of it that runs the script as ``__main__`` with its rank's environment already in place.
 
-This module is imported by the command's own process, which must stay light (it never
-imports torch), and by each rank (:func:`run_rank`).
+Any torchrun command line works with ``torchrun`` replaced by ``fastspawn``: the same flags,
+defaults and ``PET_*`` variables (:func:`build_parser`), resolved as torchrun resolves them
+(:class:`LaunchSettings`). An elastic rendezvous backend (c10d, etcd, ...) runs torch's agent
+with fastspawn starting the workers (``_rendezvous.py``); one node and the static
+rendezvous are fastspawn's own launch.
+
+This module is imported by the command's own process, which stays light (it imports torch
+only for the flags that need it: an elastic backend, --nproc-per-node auto/gpu/xpu,
+--logs-specs, --numa-binding), and by each rank (:func:`run_rank`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ DEFAULT_MULTINODE_PORT = 29500  # torchrun's default --master-port
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # torchrun's default grace after SIGTERM
 ROLE = "default"  # torchrun's --role default
+START_METHODS = ("spawn", "forkserver", "fork")
+DEFAULT_RDZV_TIMEOUT = 900  # seconds, torch's LaunchConfig default rendezvous timeout
 
 USAGE = f"""\
 {PROG} [-n N] [options] script.py [args ...]
@@ -60,13 +69,16 @@ examples:
   {PROG} -n 8 --nnodes 2 --node-rank 0 --master-addr node0 train.py   on node0
   {PROG} -n 8 --nnodes 2 --node-rank 1 --master-addr node0 train.py   on node1
   srun -N 2 --ntasks-per-node 1 {PROG} -n 8 train.py   Slurm: 16 ranks on 2 nodes
+  {PROG} -n 8 --nnodes 1:4 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id job1 \\
+      --max-restarts 3 train.py         elastic: run on each node (torch's rendezvous)
 
-Each output line of a rank is shown whole, prefixed with its global rank ("[3]:hello");
-TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE (${{rank}}, ${{local_rank}}, ${{role_name}})
-changes the prefix as under torchrun. The exit status is the first failed rank's (128+N
-for a signal N), after a summary naming every failed rank; Ctrl-C stops the ranks
-(SIGTERM, then SIGKILL after --shutdown-timeout; a second Ctrl-C kills at once) and exits
-with 130."""
+Any torchrun command line works with `torchrun` replaced by `{PROG}` (same flags, defaults
+and PET_* variables). Each output line of a rank is shown whole, prefixed with its global
+rank ("[3]:hello"); TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE (${{rank}}, ${{local_rank}},
+${{role_name}}) changes the prefix as under torchrun. The exit status is the first failed
+rank's (128+N for a signal N), after a summary naming every failed rank; Ctrl-C stops the
+ranks (SIGTERM, then SIGKILL after --shutdown-timeout; a second Ctrl-C kills at once) and
+exits with 130."""
 
 
 class UsageError(Exception):
@@ -106,70 +118,221 @@ def _seconds(text: str) -> float:
 _seconds.__name__ = "number of seconds"
 
 
-def _rank_list(text: str) -> Set[int]:
+def _rank_list(text: str) -> Optional[Set[int]]:
+    if not text:
+        return None  # torchrun's default "": every local rank
     return {_non_negative_int(part) for part in text.split(",")}
 
 
 _rank_list.__name__ = "comma-separated list of local ranks"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The launcher's options (the target and its arguments are split off before)."""
+def _node_range(text: str) -> Tuple[int, int]:
+    """``"N"`` or ``"MIN:MAX"`` (torchrun's --nnodes), with 0 < MIN <= MAX."""
+    parts = text.split(":")
+    if len(parts) > 2:
+        raise ValueError(text)
+    low, high = int(parts[0]), int(parts[-1])
+    if not 0 < low <= high:
+        raise ValueError(text)
+    return low, high
+
+
+_node_range.__name__ = "node count N or range MIN:MAX (0 < MIN <= MAX)"
+
+NPROC_NAMES = ("auto", "cpu", "gpu", "xpu")
+
+
+def _nproc(text: str) -> Union[int, str]:
+    """A positive int, or a name torchrun resolves to a device count (auto, cpu, gpu, xpu,
+    or the name of a PrivateUse1 backend, resolved later)."""
+    if text.strip().lstrip("+-").isdigit():
+        return _positive_int(text)
+    if not text.isidentifier():
+        raise ValueError(text)
+    return text
+
+
+_nproc.__name__ = "process count (int, auto, cpu, gpu or xpu)"
+
+
+def _comma_list(text: str) -> List[str]:
+    """torchrun's filter list: comma separated, ``,,`` stands for a literal comma."""
+    return [item.replace("\0", ",") for item in text.replace(",,", "\0").split(",")]
+
+
+_comma_list.__name__ = "comma-separated list"
+
+NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode
+
+
+class _EnvValue(argparse.Action):
+    """An option whose default is the variable ``PET_<DEST>`` when set (torchrun's
+    ``env`` action): the command line wins, then the variable, then the default."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, env: Mapping[str, str],
+                 default: Any = None, required: bool = False, **kwargs: Any) -> None:
+        default = env.get(f"PET_{dest.upper()}", default)
+        super().__init__(option_strings, dest, default=default, required=required and not default, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, values)
+
+
+class _EnvFlag(argparse.Action):
+    """A flag that is also on when ``PET_<DEST>`` is a non-zero integer (torchrun's
+    ``check_env`` action)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, env: Mapping[str, str], **kwargs: Any) -> None:
+        name = f"PET_{dest.upper()}"
+        text = env.get(name, "0")
+        try:
+            default = bool(int(text))
+        except ValueError:
+            raise UsageError(f"{name}={text!r} is not an integer") from None
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def build_parser(env: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    """The launcher's options: torchrun's (same spellings, defaults and ``PET_*``
+    variables, read from ``env``, default ``os.environ``) and fastspawn's own. The target
+    and its arguments are split off before."""
+    env = os.environ if env is None else env
     parser = _Parser(
         prog=PROG,
         usage=USAGE,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
-    add = parser.add_argument
-    add("-n", "--nproc-per-node", "--nproc_per_node", type=_positive_int, default=1, metavar="N",
-        help="number of ranks to start on this node (default 1). Example: -n 8")
-    add("-m", "--module", action="store_true",
+
+    group: Any = parser
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        if kwargs.get("action") in (_EnvValue, _EnvFlag):
+            kwargs["env"] = env
+        group.add_argument(*flags, **kwargs)
+
+    group = parser.add_argument_group("ranks and nodes")
+    add("-n", "--nproc-per-node", "--nproc_per_node", action=_EnvValue, type=_nproc, default="1",
+        metavar="N", help="ranks to start on this node: a number, or auto (accelerators, else "
+        "CPUs), cpu, gpu, xpu (the device count) (default 1). Example: -n 8")
+    add("--nnodes", action=_EnvValue, type=_node_range, default=None, metavar="NODES",
+        help="number of nodes, or MIN:MAX for an elastic job (with --rdzv-backend c10d); "
+        "global ranks are NODE_RANK*N+LOCAL_RANK, WORLD_SIZE is NODES*N (default 1, or the "
+        "Slurm step's task count). Example: --nnodes 2, --nnodes 1:4")
+    add("--node-rank", "--node_rank", action=_EnvValue, type=_non_negative_int, default=None,
+        metavar="NODE_RANK", help="this node's index, 0 to NODES-1, static rendezvous only "
+        "(default 0, or SLURM_PROCID). Example: --node-rank 1")
+    add("--master-addr", "--master_addr", action=_EnvValue, default=None, metavar="HOST",
+        help="host of node 0, which serves the rendezvous store, static rendezvous only "
+        "(default 127.0.0.1, or the first host of the Slurm node list). Example: --master-addr node0")
+    add("--master-port", "--master_port", action=_EnvValue, type=_port, default=None, metavar="PORT",
+        help=f"rendezvous port on the master host, static rendezvous only (default: a free "
+        f"port on one node; {DEFAULT_MULTINODE_PORT} on several, or {SLURM_PORT_BASE} + "
+        f"SLURM_JOB_ID %% {SLURM_PORT_SPAN} under Slurm). Example: --master-port 29500")
+    add("--local-addr", "--local_addr", action=_EnvValue, default=None, metavar="HOST",
+        help="this node's address as the other nodes reach it (elastic rendezvous; default: "
+        "this host's name). Example: --local-addr 10.0.0.2")
+
+    group = parser.add_argument_group("rendezvous (torch's; backends other than static need torch)")
+    add("--rdzv-backend", "--rdzv_backend", action=_EnvValue, default="static", metavar="BACKEND",
+        help="static (default: fixed nodes, --node-rank and --master-addr), c10d (elastic, "
+        "over a TCPStore at --rdzv-endpoint), etcd, etcd-v2, or a registered one. "
+        "Example: --rdzv-backend c10d")
+    add("--rdzv-endpoint", "--rdzv_endpoint", action=_EnvValue, default="", metavar="HOST[:PORT]",
+        help="where the rendezvous is served (c10d: the store's host and port, 29400 by "
+        "default; the node on that host serves it). Example: --rdzv-endpoint node0:29400")
+    add("--rdzv-id", "--rdzv_id", action=_EnvValue, default="none", metavar="ID",
+        help="the job's id: nodes with the same id and endpoint form one job (ranks read it "
+        "in TORCHELASTIC_RUN_ID). Example: --rdzv-id job42")
+    add("--rdzv-conf", "--rdzv_conf", action=_EnvValue, default="", metavar="KEY=VALUE,...",
+        help="the backend's options, e.g. join_timeout, last_call_timeout, close_timeout, "
+        "read_timeout, is_host, timeout. Example: --rdzv-conf join_timeout=60")
+    add("--standalone", action=_EnvFlag,
+        help="one node, rendezvous on this machine (ignores --rdzv-backend, --rdzv-endpoint and "
+        "--rdzv-id; the run id is a fresh uuid). Example: --standalone -n 4")
+
+    group = parser.add_argument_group("what runs")
+    add("-m", "--module", action=_EnvFlag,
         help="the target is a module name, run as `python -m` runs it. Example: -m pkg.train")
-    add("--nnodes", type=_positive_int, default=None, metavar="NODES",
-        help="number of nodes (machines) taking part, each running the same -n; global ranks "
-        "are NODE_RANK*N+LOCAL_RANK, WORLD_SIZE is NODES*N (default 1, or the Slurm step's "
-        "task count). Example: --nnodes 2")
-    add("--node-rank", "--node_rank", type=_non_negative_int, default=None, metavar="NODE_RANK",
-        help="this node's index, 0 to NODES-1 (default 0, or SLURM_PROCID). Example: --node-rank 1")
-    add("--master-addr", "--master_addr", default=None, metavar="HOST",
-        help="host of node 0, which serves the rendezvous store (default 127.0.0.1, or the "
-        "first host of the Slurm node list). Example: --master-addr node0")
-    add("--master-port", "--master_port", type=_port, default=None, metavar="PORT",
-        help=f"rendezvous port on the master host (default: a free port on one node; "
-        f"{DEFAULT_MULTINODE_PORT} on several, or {SLURM_PORT_BASE} + SLURM_JOB_ID %% "
-        f"{SLURM_PORT_SPAN} under Slurm). Example: --master-port 29500")
-    add("--max-restarts", "--max_restarts", type=_non_negative_int, default=0, metavar="K",
-        help="when a rank fails, stop this node's ranks and start them all again, up to K "
-        "times (default 0); ranks read the attempt in TORCHELASTIC_RESTART_COUNT. "
-        "Example: --max-restarts 3")
-    add("--log-dir", "--log_dir", default=None, metavar="DIR",
-        help="keep each attempt's logs and error files in "
-        "DIR/<run id>_<random>/attempt_<k>/<local rank>/{stdout.log,stderr.log,error.json} "
-        "(torchrun's layout); without it they live in a temporary directory removed at "
-        "exit. Example: --log-dir logs")
-    add("-r", "--redirects", default="0", metavar="STD",
-        help="send ranks' streams to log files instead of the console: 0 none, 1 stdout, "
-        "2 stderr, 3 both, or per local rank LOCAL_RANK:VALUE,... Example: --redirects 3")
-    add("-t", "--tee", default="0", metavar="STD",
-        help="write ranks' streams to log files and to the console (same values as "
-        "--redirects). Example: --tee 3 --log-dir logs")
-    add("--local-ranks-filter", "--local_ranks_filter", type=_rank_list, default=None,
-        metavar="RANKS",
-        help="show only these local ranks' output on the console (the others' still go to "
-        "their log files when redirected or teed). Example: --local-ranks-filter 0")
-    add("--start-method", "--start_method", choices=("spawn", "forkserver", "fork"),
+    add("--no-python", "--no_python", action=_EnvFlag,
+        help="the target is a program, run per rank without Python (as `-- program`). "
+        "Example: --no-python ./a.out")
+    add("--run-path", "--run_path", action=_EnvFlag,
+        help="run the script with runpy.run_path (torchrun: in the agent's interpreter; here "
+        "in the warm zygote's fork, as every script); wins over --no-python. "
+        "Example: --run-path /abs/train.py")
+    add("--role", action=_EnvValue, default=ROLE, metavar="ROLE",
+        help="the workers' role (ROLE_NAME, ${role_name} in the line prefix template) "
+        "(default 'default'). Example: --role trainer")
+    add("--start-method", "--start_method", action=_EnvValue, choices=START_METHODS,
         default="spawn",
         help="how Python ranks start: spawn (default) and forkserver fork from the warm "
         "zygote, fork forks this launcher (which has not imported the script's modules). "
         "Example: --start-method fork")
-    add("--shutdown-timeout", "--shutdown_timeout", type=_seconds,
-        default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="SECONDS",
+
+    group = parser.add_argument_group("failures and restarts")
+    add("--max-restarts", "--max_restarts", action=_EnvValue, type=_non_negative_int, default=0,
+        metavar="K", help="when a rank fails, stop the ranks and start them all again, up to K "
+        "times (default 0); ranks read the attempt in TORCHELASTIC_RESTART_COUNT. "
+        "Example: --max-restarts 3")
+    add("--monitor-interval", "--monitor_interval", action=_EnvValue, type=_seconds, default=0.1,
+        metavar="SECONDS", help="seconds between the elastic agent's health checks (elastic "
+        "rendezvous; on a static one fastspawn learns of a rank's exit at once and does not "
+        "poll) (default 0.1). Example: --monitor-interval 1")
+    add("--shutdown-timeout", "--shutdown_timeout", action=_EnvValue, type=_seconds, default=None,
+        metavar="SECONDS",
         help=f"seconds ranks get to exit after SIGTERM (sent on Ctrl-C, on SIGTERM to "
         f"{PROG}, or when another rank failed) before SIGKILL (default "
-        f"{DEFAULT_SHUTDOWN_TIMEOUT:g}). Example: --shutdown-timeout 5")
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT or {DEFAULT_SHUTDOWN_TIMEOUT:g}). Example: --shutdown-timeout 5")
+    add("--signals-to-handle", "--signals_to_handle", action=_EnvValue,
+        default="SIGTERM,SIGINT,SIGHUP,SIGQUIT", metavar="SIGNALS",
+        help="signals that stop the ranks and fastspawn (default SIGTERM,SIGINT,SIGHUP,SIGQUIT). "
+        "Example: --signals-to-handle SIGTERM,SIGINT,SIGUSR1")
+    add("--event-log-handler", "--event_log_handler", action=_EnvValue, default="null", metavar="NAME",
+        help="torch's elastic event handler for the agent's events (elastic rendezvous) "
+        "(default null). Example: --event-log-handler console")
+
+    group = parser.add_argument_group("output and logs")
+    add("--log-dir", "--log_dir", action=_EnvValue, default=None, metavar="DIR",
+        help="keep each attempt's logs and error files in "
+        "DIR/<run id>_<random>/attempt_<k>/<local rank>/{stdout.log,stderr.log,error.json} "
+        "(torchrun's layout); without it they live in a temporary directory removed at "
+        "exit. Example: --log-dir logs")
+    add("-r", "--redirects", action=_EnvValue, default="0", metavar="STD",
+        help="send ranks' streams to log files instead of the console: 0 none, 1 stdout, "
+        "2 stderr, 3 both, or per local rank LOCAL_RANK:VALUE,... Example: --redirects 3")
+    add("-t", "--tee", action=_EnvValue, default="0", metavar="STD",
+        help="write ranks' streams to log files and to the console (same values as "
+        "--redirects). Example: --tee 3 --log-dir logs")
+    add("--local-ranks-filter", "--local_ranks_filter", action=_EnvValue, type=_rank_list, default="",
+        metavar="RANKS",
+        help="show only these local ranks' output on the console (the others' still go to "
+        "their log files when redirected or teed). Example: --local-ranks-filter 0")
+    add("--duplicate-stdout-filters", "--duplicate_stdout_filters", action=_EnvValue, type=_comma_list,
+        default=[], metavar="WORDS", help="also copy teed stdout lines containing any of these "
+        "words to filtered_stdout.log in the log directory (`,,` is a comma). "
+        "Example: --tee 3 --duplicate-stdout-filters loss,acc")
+    add("--duplicate-stderr-filters", "--duplicate_stderr_filters", action=_EnvValue, type=_comma_list,
+        default=[], metavar="WORDS", help="the same for stderr (filtered_stderr.log). "
+        "Example: --tee 3 --duplicate-stderr-filters Warning")
+    add("--logs-specs", "--logs_specs", default=None, metavar="NAME",
+        help="a LogsSpecs class registered under the `torchrun.logs_specs` entry point group "
+        "(needs torch). Example: --logs-specs mylogs")
+
+    group = parser.add_argument_group("devices")
+    add("--virtual-local-rank", "--virtual_local_rank", action=_EnvFlag,
+        help="LOCAL_RANK=0 in every rank, and CUDA_VISIBLE_DEVICES narrowed to the rank's own "
+        "device. Example: --virtual-local-rank")
+    add("--numa-binding", "--numa_binding", choices=NUMA_MODES, default=None,
+        help="torchrun binds ranks to CPUs near their GPU; accepted (needs torch) but not "
+        "applied: fastspawn says so and starts the ranks unbound. Example: --numa-binding node")
     add("-V", "--version", action="version", version=f"%(prog)s {_version()}",
         help="print fastspawn's version and exit")
     return parser
@@ -189,18 +352,25 @@ class Target(NamedTuple):
     args: Tuple[str, ...]
 
 
+def _option(parser: argparse.ArgumentParser, flag: str) -> Optional[argparse.Action]:
+    """The action of ``flag``, or of the one long option it abbreviates (argparse's rule)."""
+    actions = {s: a for a in parser._actions for s in a.option_strings}  # noqa: SLF001
+    if flag in actions:
+        return actions[flag]
+    if flag.startswith("--"):
+        matches = {id(a): a for s, a in actions.items() if s.startswith(flag)}
+        if len(matches) == 1:
+            return next(iter(matches.values()))
+    return None
+
+
 def split_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Tuple[List[str], Optional[Target]]:
     """The launcher's own options, and the target with its arguments passed verbatim.
 
     The target is the first token that is not an option or an option's value, or the
-    token after ``--`` (then a program). Everything after the target belongs to it.
+    token after ``--`` (then a program). Everything after the target belongs to it. The
+    target's kind ("script" here, "program" after ``--``) is settled by the options later.
     """
-    takes_value = {
-        flag: action.nargs != 0
-        for action in parser._actions  # noqa: SLF001 - argparse has no public listing
-        for flag in action.option_strings
-    }
-    module = False
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -209,13 +379,12 @@ def split_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
                 raise UsageError("`--` must be followed by the program to run")
             return list(argv[:i]), Target("program", argv[i + 1], tuple(argv[i + 2 :]))
         if token.startswith("-") and token != "-":
-            flag = token.split("=", 1)[0]
-            module = module or flag in ("-m", "--module")
-            if takes_value.get(flag) and "=" not in token:
+            action = _option(parser, token.split("=", 1)[0])
+            if action is not None and action.nargs != 0 and "=" not in token:
                 i += 1  # skip its value ("-n8" carries it: "-n8" is no flag of ours)
             i += 1
             continue
-        return list(argv[:i]), Target("module" if module else "script", token, tuple(argv[i + 1 :]))
+        return list(argv[:i]), Target("script", token, tuple(argv[i + 1 :]))
     return list(argv), None
 
 
@@ -328,12 +497,13 @@ def _tasks_on_node(spec: str, node: int) -> Optional[int]:
     return counts[node] if 0 <= node < len(counts) else None
 
 
-def resolve_layout(options: argparse.Namespace, env: Mapping[str, str]) -> NodeLayout:
+def resolve_layout(options: argparse.Namespace, env: Mapping[str, str], run_id: str = "none") -> NodeLayout:
     """Node count and node rank from the flags (--nnodes, --node-rank), else from Slurm's
-    variables when neither flag is given, else one node; the master likewise. Raises
-    UsageError for inconsistent values."""
+    variables when neither flag is given, else one node; the master from --master-addr and
+    --master-port (or a static --rdzv-endpoint HOST:PORT) likewise. ``options.nproc_per_node``
+    is resolved to a number. Raises UsageError for inconsistent values."""
     nproc = options.nproc_per_node
-    nnodes = options.nnodes if options.nnodes is not None else 1
+    nnodes = options.nnodes[1] if options.nnodes is not None else 1  # static: the maximum, as torch's
     node_rank = options.node_rank if options.node_rank is not None else 0
     from_slurm = False
     if "SLURM_PROCID" in env and options.nnodes is None and options.node_rank is None:
@@ -358,7 +528,10 @@ def resolve_layout(options: argparse.Namespace, env: Mapping[str, str]) -> NodeL
         tasks_here = max(tasks_here, local_id + 1)
         local_offset, local_world_size = local_id * nproc, tasks_here * nproc
 
-    master_addr = options.master_addr
+    master_addr, master_port = options.master_addr, options.master_port
+    endpoint = getattr(options, "rdzv_endpoint", "")
+    if endpoint and options.rdzv_backend == "static":  # torchrun: the endpoint names the master
+        master_addr, master_port = _host_port(endpoint, None)
     if master_addr is None:
         master_addr = "127.0.0.1"
         if from_slurm:
@@ -370,12 +543,9 @@ def resolve_layout(options: argparse.Namespace, env: Mapping[str, str]) -> NodeL
                 master_addr = expand_hostlist(nodelist)[0]
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-    master_port = options.master_port
-    run_id = "none"  # torchrun's --rdzv-id default for a static rendezvous
     if master_port is None:
         if nnodes == 1:
             master_port = free_port()
-            run_id = _new_run_id()  # torchrun's single-node default rendezvous gets a uuid
         elif from_slurm and _env_int(env, "SLURM_JOB_ID", "SLURM_JOBID") is not None:
             job = _env_int(env, "SLURM_JOB_ID", "SLURM_JOBID") or 0
             master_port = SLURM_PORT_BASE + job % SLURM_PORT_SPAN
@@ -383,6 +553,23 @@ def resolve_layout(options: argparse.Namespace, env: Mapping[str, str]) -> NodeL
             master_port = DEFAULT_MULTINODE_PORT
     return NodeLayout(nproc, nnodes, node_rank, local_offset, local_world_size,
                       master_addr, master_port, run_id, from_slurm)
+
+
+def _host_port(endpoint: str, default_port: Optional[int]) -> Tuple[str, Optional[int]]:
+    """``HOST[:PORT]`` (an IPv6 host in brackets) as torch's rendezvous reads an endpoint."""
+    host, port = endpoint.strip(), default_port
+    if host.endswith("]") or ":" not in host:
+        pass
+    else:
+        host, _, text = host.rpartition(":")
+        try:
+            port = _port(text) if text != "0" else 0
+        except ValueError:
+            raise UsageError(f"--rdzv-endpoint {endpoint!r}: the port must be an integer in 0-65535") from None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise UsageError(f"--rdzv-endpoint {endpoint!r}: the host is missing")
+    return host, port
 
 
 def _new_run_id() -> str:
@@ -398,33 +585,53 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def worker_env(rank: int, local_rank: int, group_rank: int, group_world_size: int, local_world_size: int,
+               world_size: int, master_addr: str, master_port: int, restart_count: int, max_restarts: int,
+               run_id: str, agent_store: bool, env: Mapping[str, str], role: str = ROLE,
+               virtual_local_rank: bool = False) -> Dict[str, str]:
+    """One worker's variables, as torchrun's agent sets them (``TORCHELASTIC_ERROR_FILE`` is
+    added per attempt by the logs spec). With ``virtual_local_rank``, LOCAL_RANK is 0 and
+    CUDA_VISIBLE_DEVICES names the rank's own device (its entry of the launcher's list)."""
+    worker = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "GROUP_RANK": str(group_rank),
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": role,
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "WORLD_SIZE": str(world_size),
+        "GROUP_WORLD_SIZE": str(group_world_size),
+        "ROLE_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_USE_AGENT_STORE": str(agent_store),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    }
+    if virtual_local_rank:
+        worker["LOCAL_RANK"] = "0"
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            worker["CUDA_VISIBLE_DEVICES"] = str(local_rank)
+        else:
+            devices = visible.split(",")
+            if local_rank >= len(devices):
+                raise UsageError(f"local rank {local_rank} has no device in CUDA_VISIBLE_DEVICES={visible}")
+            worker["CUDA_VISIBLE_DEVICES"] = devices[local_rank].strip()
+    return worker
+
+
 def rank_envs(layout: NodeLayout, restart_count: int, max_restarts: int,
-              env: Mapping[str, str]) -> List[Dict[str, str]]:
-    """Each local rank's variables, as torchrun's agent sets them for its workers
-    (``TORCHELASTIC_ERROR_FILE`` is added per attempt by the logs spec)."""
-    envs = []
-    for local in range(layout.nproc):
-        rank = layout.global_rank(local)
-        worker = {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(layout.local_offset + local),
-            "GROUP_RANK": str(layout.node_rank),
-            "ROLE_RANK": str(rank),
-            "ROLE_NAME": ROLE,
-            "LOCAL_WORLD_SIZE": str(layout.local_world_size),
-            "WORLD_SIZE": str(layout.world_size),
-            "GROUP_WORLD_SIZE": str(layout.nnodes),
-            "ROLE_WORLD_SIZE": str(layout.world_size),
-            "MASTER_ADDR": layout.master_addr,
-            "MASTER_PORT": str(layout.master_port),
-            "TORCHELASTIC_RESTART_COUNT": str(restart_count),
-            "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
-            "TORCHELASTIC_RUN_ID": layout.run_id,
-            "TORCHELASTIC_USE_AGENT_STORE": str(layout.agent_store),
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-        }
-        envs.append(worker)
-    return envs
+              env: Mapping[str, str], role: str = ROLE, virtual_local_rank: bool = False) -> List[Dict[str, str]]:
+    """Each local rank's variables on a static rendezvous (see :func:`worker_env`)."""
+    return [
+        worker_env(layout.global_rank(local), layout.local_offset + local, layout.node_rank, layout.nnodes,
+                   layout.local_world_size, layout.world_size, layout.master_addr, layout.master_port,
+                   restart_count, max_restarts, layout.run_id, layout.agent_store, env, role, virtual_local_rank)
+        for local in range(layout.nproc)
+    ]
 
 
 # ------------------------------------------------------------------- the script's imports
@@ -502,6 +709,8 @@ def run_rank(kind: str, name: str, args: Sequence[str]) -> None:
     try:
         if kind == "module":
             runpy.run_module(name, run_name="__main__", alter_sys=True)
+        elif kind == "path":  # --run-path: as torchrun's run_script_path runs it
+            runpy.run_path(name, run_name="__main__")
         else:
             _run_script(name)
     except SystemExit:
@@ -549,6 +758,47 @@ def _report_script_error(exc: BaseException) -> None:
 
 
 # ------------------------------------------------------------------------- launching
+class LaunchSettings(NamedTuple):
+    """The resolved launch configuration: what torchrun puts in torch's ``LaunchConfig``
+    for the same command line (same field names), plus the options it keeps apart."""
+
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    run_id: str
+    role: str
+    rdzv_endpoint: str
+    rdzv_backend: str
+    rdzv_configs: Dict[str, Any]
+    max_restarts: int
+    monitor_interval: float
+    start_method: str
+    local_addr: Optional[str]
+    log_dir: Optional[str]
+    redirects: str
+    tee: str
+    local_ranks_filter: Optional[Set[int]]
+    event_log_handler: str
+    signals_to_handle: str
+    duplicate_stdout_filters: List[str]
+    duplicate_stderr_filters: List[str]
+    virtual_local_rank: bool
+    shutdown_timeout: float
+    numa_binding: Optional[str]
+    logs_specs: Optional[str]
+
+    @property
+    def elastic(self) -> bool:
+        """Run as torch's elastic agent (torch's rendezvous handler): any backend but static,
+        except a rendezvous of one node on this machine (--standalone, torchrun's default on
+        one node), which fastspawn's own single-node launch serves alike."""
+        return self.rdzv_backend != "static" and not (
+            self.max_nodes == 1 and self.rdzv_backend == "c10d" and self.rdzv_endpoint == LOCAL_RDZV_ENDPOINT)
+
+
+LOCAL_RDZV_ENDPOINT = "localhost:0"  # torchrun's --standalone endpoint
+
+
 class Plan(NamedTuple):
     """A checked command line: what to run, where, how."""
 
@@ -556,6 +806,7 @@ class Plan(NamedTuple):
     target: Target
     layout: NodeLayout
     program: Optional[str]  # the resolved program path (kind "program")
+    settings: Optional[LaunchSettings] = None
 
 
 def _say(message: str) -> None:
@@ -563,21 +814,165 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
+def _has_torch() -> bool:
+    """Whether torch imports (only asked for flags that use it: the import costs seconds)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _needs_torch(what: str) -> None:
+    if not _has_torch():
+        raise UsageError(f"{what} needs torch, which is not installed (pip install torch)")
+
+
+def resolve_nproc(value: Union[int, str], env: Mapping[str, str]) -> int:
+    """--nproc-per-node as torchrun resolves it: a number; cpu: the CPUs this process may
+    run on; gpu/xpu: the devices (torch needed; CUDA is asked through torch, as torchrun
+    does, in this launcher, never in the zygote); auto: the accelerators, else the CPUs."""
+    if isinstance(value, int):
+        return value
+
+    def cpus() -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    if value == "cpu":
+        return cpus()
+    if value == "auto" and not _has_torch():
+        return cpus()  # no torch, no accelerator torch could use
+    _needs_torch(f"--nproc-per-node {value}")
+    import torch
+
+    if value == "gpu":
+        if not torch.cuda.is_available():
+            raise UsageError("--nproc-per-node gpu: Cuda is not available.")
+        return int(torch.cuda.device_count())
+    if value == "xpu":
+        if not torch.xpu.is_available():
+            raise UsageError("--nproc-per-node xpu: Xpu is not available.")
+        return int(torch.xpu.device_count())
+    if value == "auto":
+        if torch.accelerator.is_available():
+            return int(torch.accelerator.device_count())
+        return cpus()
+    if value == torch._C._get_privateuse1_backend_name():  # noqa: SLF001
+        from torch.utils.backend_registration import _get_custom_mod_func
+
+        if not _get_custom_mod_func("is_available")():
+            raise UsageError(f"--nproc-per-node {value}: {value} is not available.")
+        return int(_get_custom_mod_func("device_count")())
+    raise UsageError(f"argument -n/--nproc-per-node: Unsupported nproc_per_node value: {value}")
+
+
+def parse_rdzv_conf(text: str) -> Dict[str, Any]:
+    """``KEY=VALUE,...`` as torch reads --rdzv-conf (values are strings, both sides stripped)."""
+    config: Dict[str, Any] = {}
+    for item in text.strip().split(",") if text.strip() else []:
+        key, eq, value = item.partition("=")
+        if not key.strip():
+            raise UsageError(f"--rdzv-conf {text!r}: expected KEY1=VALUE1,...,KEYN=VALUEN")
+        if not eq or not value.strip():
+            raise UsageError(f"--rdzv-conf {text!r}: the rendezvous option {key.strip()!r} has no value")
+        config[key.strip()] = value.strip()
+    return config
+
+
+def _settings(options: argparse.Namespace, env: Mapping[str, str]) -> LaunchSettings:
+    """torchrun's resolution of the options (its ``run`` and ``config_from_args``); mutates
+    ``options`` where torchrun mutates its arguments (--standalone, the one-node default)."""
+    min_nodes, max_nodes = options.nnodes if options.nnodes is not None else (1, 1)
+    slurm_nodes = (options.nnodes is None and options.node_rank is None and "SLURM_PROCID" in env)
+    if options.standalone:
+        options.rdzv_backend, options.rdzv_endpoint, options.rdzv_id = "c10d", LOCAL_RDZV_ENDPOINT, _new_run_id()
+    elif (options.rdzv_backend == "static" and not options.rdzv_endpoint and options.master_port is None
+          and max_nodes == 1 and not slurm_nodes):
+        # torchrun's default on one node: a c10d rendezvous on this machine, a fresh run id
+        options.rdzv_backend, options.rdzv_endpoint, options.rdzv_id = "c10d", LOCAL_RDZV_ENDPOINT, _new_run_id()
+    if options.rdzv_backend != "static" and options.node_rank:
+        import logging
+
+        logging.getLogger("fastspawn.cli").warning(
+            "--node-rank is only used by the static rendezvous; ignored with --rdzv-backend %s",
+            options.rdzv_backend)
+    if options.start_method not in START_METHODS:  # a PET_START_METHOD value escapes argparse's check
+        raise UsageError(f"argument --start-method: invalid choice: {options.start_method!r} "
+                         f"(choose from {', '.join(START_METHODS)})")
+    rdzv_configs = parse_rdzv_conf(options.rdzv_conf)
+    rdzv_configs.setdefault("timeout", DEFAULT_RDZV_TIMEOUT)
+    endpoint = options.rdzv_endpoint
+    if options.rdzv_backend == "static":
+        rdzv_configs["rank"] = options.node_rank if options.node_rank is not None else 0
+        if not endpoint:
+            endpoint = f"{options.master_addr or '127.0.0.1'}:{options.master_port or DEFAULT_MULTINODE_PORT}"
+    elif options.rdzv_backend != "c10d" or endpoint != LOCAL_RDZV_ENDPOINT or max_nodes > 1:
+        _needs_torch(f"--rdzv-backend {options.rdzv_backend}")
+    if options.numa_binding is not None:
+        _needs_torch("--numa-binding")
+    if options.logs_specs is not None:
+        _needs_torch("--logs-specs")
+        _logs_specs_class(options.logs_specs)
+    options.nproc_per_node = resolve_nproc(options.nproc_per_node, env)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if options.virtual_local_rank and visible is not None and len(visible.split(",")) < options.nproc_per_node:
+        raise UsageError(f"--virtual-local-rank: local rank {len(visible.split(','))} has no device in "
+                         f"CUDA_VISIBLE_DEVICES={visible}")
+    shutdown = options.shutdown_timeout
+    if shutdown is None:
+        text = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(DEFAULT_SHUTDOWN_TIMEOUT)))
+        try:
+            shutdown = _seconds(text)
+        except ValueError:
+            raise UsageError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={text!r} is not a number of seconds") from None
+        options.shutdown_timeout = shutdown
+    return LaunchSettings(
+        min_nodes, max_nodes, options.nproc_per_node, options.rdzv_id, options.role, endpoint,
+        options.rdzv_backend, rdzv_configs, options.max_restarts, options.monitor_interval,
+        options.start_method, options.local_addr, options.log_dir, options.redirects, options.tee,
+        options.local_ranks_filter, options.event_log_handler, options.signals_to_handle,
+        options.duplicate_stdout_filters, options.duplicate_stderr_filters, options.virtual_local_rank,
+        shutdown, options.numa_binding, options.logs_specs)
+
+
+def _logs_specs_class(name: str) -> Any:
+    """The class registered as ``name`` in the ``torchrun.logs_specs`` entry point group."""
+    from importlib import metadata
+
+    points = metadata.entry_points()
+    group = (points.select(group="torchrun.logs_specs") if hasattr(points, "select")
+             else getattr(points, "get")("torchrun.logs_specs", ()))  # Python 3.9: a dict
+    for point in group:
+        if point.name == name:
+            return point.load()
+    raise UsageError(f"--logs-specs: Could not find entrypoint under 'torchrun.logs_specs[{name}]' key")
+
+
 def plan_command(argv: Sequence[str], env: Mapping[str, str]) -> Plan:
     """Parse and check the command line (``--help``/``--version`` exit here); raises
     UsageError naming the problem."""
-    parser = build_parser()
+    parser = build_parser(env)
     launcher_argv, target = split_command_line(parser, argv)
     options = parser.parse_args(launcher_argv)
     if target is None:
         raise UsageError("nothing to run: give a script, -m MODULE, or -- PROGRAM")
+    if target.kind == "script":
+        if options.run_path:
+            target = target._replace(kind="path")
+        elif options.no_python:
+            if options.module:
+                raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")
+            target = target._replace(kind="program")
+        elif options.module:
+            target = target._replace(kind="module")
     program = None
     if target.kind == "program":
-        if options.module:
+        if options.module and not options.no_python:
             raise UsageError("-m and `-- PROGRAM` exclude each other")
         program = _resolve_program(target.name, env)
-    elif target.kind == "script" and not os.path.isfile(target.name):
+    elif target.kind in ("script", "path") and not os.path.isfile(target.name):
         raise UsageError(f"can't open file {target.name!r}: no such file")
+    settings = _settings(options, env)
     for flag, value in (("--redirects", options.redirects), ("--tee", options.tee)):
         if value == "0":
             continue  # the default: no need to load fastspawn.elastic before the zygote starts
@@ -589,7 +984,8 @@ def plan_command(argv: Sequence[str], env: Mapping[str, str]) -> Plan:
             raise UsageError(f"{flag} {value!r}: expected 0, 1, 2 or 3, or LOCAL_RANK:VALUE,...") from None
         if isinstance(mapping, dict) and any(rank >= options.nproc_per_node for rank in mapping):
             raise UsageError(f"{flag} {value!r} names a local rank >= -n {options.nproc_per_node}")
-    return Plan(options, target, resolve_layout(options, env), program)
+    layout = resolve_layout(options, env, settings.run_id)
+    return Plan(options, target, layout, program, settings)
 
 
 def _resolve_program(name: str, env: Mapping[str, str]) -> str:
@@ -603,7 +999,7 @@ def _resolve_program(name: str, env: Mapping[str, str]) -> str:
         raise UsageError(f"program {name!r} is not executable") from None
 
 
-def _line_prefixes(layout: NodeLayout, env: Mapping[str, str]) -> Dict[int, str]:
+def _line_prefixes(layout: NodeLayout, env: Mapping[str, str], role: str = ROLE) -> Dict[int, str]:
     template = env.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
     prefixes = {}
     for local in range(layout.nproc):
@@ -611,7 +1007,7 @@ def _line_prefixes(layout: NodeLayout, env: Mapping[str, str]) -> Dict[int, str]
         if template:
             from string import Template
 
-            prefixes[local] = Template(template).safe_substitute(role_name=ROLE, rank=rank, local_rank=local_rank)
+            prefixes[local] = Template(template).safe_substitute(role_name=role, rank=rank, local_rank=local_rank)
         else:
             prefixes[local] = f"[{rank}]:"
     return prefixes
@@ -622,7 +1018,7 @@ def _prepare_python_ranks(plan: Plan) -> List[str]:
     preloaded in the zygote, which starts warming up (in a thread) with this sys.path.
     Returns the preloaded modules."""
     target = plan.target
-    if target.kind == "script":
+    if target.kind in ("script", "path"):
         path0 = os.path.dirname(os.path.abspath(target.name))
         source_file: Optional[str] = target.name
         modules: List[str] = []
@@ -783,34 +1179,67 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def rank_entrypoint(plan: Plan) -> Tuple[Union[Callable[..., Any], str], Tuple[Any, ...], List[str]]:
+    """What each rank runs and with which arguments; for Python ranks the zygote starts
+    warming up with the target's imports (returned)."""
+    target = plan.target
+    if target.kind == "program":
+        assert plan.program is not None  # resolved for kind "program"
+        return plan.program, target.args, []
+    modules = _prepare_python_ranks(plan)
+    return run_rank, (target.kind, target.name, target.args), modules
+
+
+def make_logs_specs(options: argparse.Namespace, nproc: int) -> Any:
+    """The logs spec of every attempt: --logs-specs' class, else fastspawn's, where what is
+    not redirected to a file goes to the console teed (whole, prefixed lines)."""
+    from .elastic import DefaultLogsSpecs, Std, to_map
+
+    if options.logs_specs is not None:  # a subclass of torch's LogsSpecs, which takes torch's Std
+        from torch.distributed.elastic.multiprocessing import Std as TorchStd
+
+        return _logs_specs_class(options.logs_specs)(
+            log_dir=options.log_dir, redirects=TorchStd.from_str(options.redirects),
+            tee=TorchStd.from_str(options.tee), local_ranks_filter=options.local_ranks_filter)
+    redirects = to_map(Std.from_str(options.redirects), nproc)
+    tee = to_map(Std.from_str(options.tee), nproc)
+    tee = {i: tee[i] | (Std.ALL & ~redirects[i]) for i in range(nproc)}
+    return DefaultLogsSpecs(log_dir=options.log_dir, redirects=redirects, tee=tee,
+                            local_ranks_filter=options.local_ranks_filter)
+
+
+def _prepare_launcher(plan: Plan) -> None:
+    """What torchrun's launcher sets in itself before starting workers."""
+    options = plan.options
+    if options.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun: N ranks must not each take every core
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = options.signals_to_handle
+    _setup_logging()
+    if options.numa_binding is not None:
+        import logging
+
+        logging.getLogger("fastspawn.cli").warning(
+            "--numa-binding %s: fastspawn does not bind ranks to NUMA nodes; they start unbound",
+            options.numa_binding)
+
+
 def run(plan: Plan) -> int:
     """Start the ranks, restart them on failure up to --max-restarts times, report; the
     exit status (0, the first failure's, or 128+N after signal N stopped the launcher)."""
+    _prepare_launcher(plan)
+    entrypoint, args, modules = rank_entrypoint(plan)
+    if plan.settings is not None and plan.settings.elastic:
+        from ._rendezvous import run_elastic
+
+        return run_elastic(plan, entrypoint, args, modules)
     options, target, layout = plan.options, plan.target, plan.layout
     nproc = layout.nproc
-    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun: N ranks must not each take every core
-    modules: List[str] = []
-    rank_args: Dict[int, Tuple[Any, ...]]
-    if target.kind == "program":
-        assert plan.program is not None  # resolved for kind "program"
-        entrypoint: Union[Callable[..., Any], str] = plan.program
-        rank_args = {i: target.args for i in range(nproc)}
-    else:
-        modules = _prepare_python_ranks(plan)
-        entrypoint = run_rank
-        rank_args = {i: (target.kind, target.name, target.args) for i in range(nproc)}
-    _setup_logging()
-    from .elastic import DefaultLogsSpecs, SignalException, Std, start_processes, to_map
+    rank_args = {i: args for i in range(nproc)}
+    from .elastic import SignalException, start_processes
     from .elastic.errors import ChildFailedError
 
-    redirects = to_map(Std.from_str(options.redirects), nproc)
-    tee = to_map(Std.from_str(options.tee), nproc)
-    # What is not redirected to a file goes to the console teed: whole, prefixed lines.
-    tee = {i: tee[i] | (Std.ALL & ~redirects[i]) for i in range(nproc)}
-    logs_specs = DefaultLogsSpecs(log_dir=options.log_dir, redirects=redirects, tee=tee,
-                                  local_ranks_filter=options.local_ranks_filter)
-    prefixes = _line_prefixes(layout, os.environ)
+    logs_specs = make_logs_specs(options, nproc)
+    prefixes = _line_prefixes(layout, os.environ, options.role)
     agent_store = _uses_torch(modules)
     fixed_port = options.master_port is not None or layout.nnodes > 1
     context: Optional[PContext] = None
@@ -828,9 +1257,12 @@ def run(plan: Plan) -> int:
                 layout = layout._replace(master_port=store.port)
             elif attempt and not fixed_port:
                 layout = layout._replace(master_port=free_port())
-            envs = dict(enumerate(rank_envs(layout, attempt, options.max_restarts, os.environ)))
-            context = start_processes(ROLE, entrypoint, rank_args, envs, logs_specs,
-                                      log_line_prefixes=prefixes, start_method=options.start_method)
+            envs = dict(enumerate(rank_envs(layout, attempt, options.max_restarts, os.environ,
+                                            options.role, options.virtual_local_rank)))
+            context = start_processes(options.role, entrypoint, rank_args, envs, logs_specs,
+                                      log_line_prefixes=prefixes, start_method=options.start_method,
+                                      duplicate_stdout_filters=options.duplicate_stdout_filters,
+                                      duplicate_stderr_filters=options.duplicate_stderr_filters)
             # The stop after a rank's failure (wait() calls close()) gets our grace too.
             context.close = functools.partial(context.close, timeout=options.shutdown_timeout)  # type: ignore[method-assign]
             if store is not None and not store.serve(options.start_method):
