@@ -21,6 +21,18 @@ pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "_cli_script.py")
 PROGRAM = sys.executable
+CWD = "@CWD@"  # an absolute path: the test's own directory (see in_tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own directory: torch's parser creates the log directories it
+    is given (relative ones in the working directory), nothing lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _here(argv):
+    return [arg.replace(CWD, os.getcwd()) for arg in argv]
 
 # (argv before the target, extra environment, target and its arguments)
 VALID = [
@@ -43,7 +55,7 @@ VALID = [
     (["--max-restarts", "3", "--monitor-interval", "0.5", "--start-method", "fork", "--role", "trainer"],
      {}, [SCRIPT]),
     (["--max_r", "2", "--start_method=forkserver"], {}, [SCRIPT]),  # an abbreviation, as argparse allows
-    (["--nproc-per-node", "2", "--log-dir", "/nonexistent/logs", "-r", "3", "-t", "0:1,1:2",
+    (["--nproc-per-node", "2", "--log-dir", f"{CWD}/logs", "-r", "3", "-t", "0:1,1:2",
       "--local-ranks-filter", "0,1"], {}, [SCRIPT]),
     (["--log_dir=d", "--redirects=1", "--tee=2", "--local_ranks_filter=1"], {}, [SCRIPT]),
     (["--event-log-handler", "console", "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "5"],
@@ -129,7 +141,7 @@ def _torch_resolution(monkeypatch, argv, env):
     monkeypatch.setattr(torch_run, "elastic_launch", elastic_launch)
     monkeypatch.setattr(torch_run.torch.multiprocessing, "_set_thread_name", lambda name: None)
     try:
-        torch_run.run(torch_run.parse_args(argv))
+        torch_run.run(torch_run.parse_args(_here(argv)))
     except (SystemExit, Exception) as exc:  # noqa: BLE001 - any refusal counts
         return exc
     finally:
@@ -142,7 +154,7 @@ def _ours(argv, env):
     full.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
     full.update(env)
     try:
-        return _cli.plan_command(argv, full)
+        return _cli.plan_command(_here(argv), full)
     except _cli.UsageError as exc:
         return exc
 
