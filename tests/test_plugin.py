@@ -785,6 +785,28 @@ def test_no_zygote_is_left_for_a_session_whose_tests_need_no_ranks(suite: pytest
     run(suite, "-k", "not deselected").assert_outcomes(passed=1, deselected=1)
 
 
+UNMARKED = """
+def test_started_nothing():
+    from fastspawn import _prewarm
+    assert sorted(_prewarm._hinted) == [] and _prewarm._started == []
+"""
+
+MARKED_SIBLING = """
+import pytest
+
+@pytest.mark.spawn(nprocs=2)
+def test_not_selected(rank):
+    pass
+"""
+
+
+def test_a_marked_file_that_is_not_selected_starts_no_zygote(suite: pytest.Pytester) -> None:
+    # pytest makes a Module node for every test file of the directory, selected or not;
+    # only a module it goes on to import may warm the zygote.
+    suite.makepyfile(test_unmarked=UNMARKED, test_marked=MARKED_SIBLING)
+    run(suite, "test_unmarked.py").assert_outcomes(passed=1)
+
+
 STUCK = """
 import os, sys, time
 import pytest

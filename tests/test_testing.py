@@ -269,6 +269,58 @@ def pid_gone(pid: int) -> bool:
     return False
 
 
+FRESH_RANKS = """
+import json
+import os
+
+from fastspawn import _child, _prewarm
+from fastspawn.testing import MultiProcContinuousTest, MultiProcessTestCase
+
+
+def log(kind, rank):
+    with open(os.environ["RANK_LOG"], "a") as f:
+        facts = {"kind": kind, "rank": rank, "fresh": _child.in_fresh_child, "hinted": sorted(_prewarm._hinted)}
+        f.write(json.dumps(facts) + "\\n")
+
+
+class PerTest(MultiProcessTestCase):
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+
+    def test_per_test(self):
+        log("per-test", self.rank)
+
+
+class PerClass(MultiProcContinuousTest):
+    world_size = 2
+
+    @classmethod
+    def _init_pg(cls, rank, world_size, rdvz_file):
+        pass
+
+    def test_per_class(self):
+        log("per-class", self.rank)
+"""
+
+
+def test_ranks_in_fresh_interpreters_when_the_zygote_is_given_up(tmp_path):
+    """The zygote does not start in time (FASTSPAWN_ZYGOTE_TIMEOUT): each rank is a fresh
+    interpreter that imports the test module, defining the classes again; that must not
+    start a zygote of its own (it did: a rank started one, or failed with exit code 1
+    when multiprocessing refused a process start during its bootstrap)."""
+    (tmp_path / "test_fresh.py").write_text(FRESH_RANKS)
+    rank_log = tmp_path / "ranks.log"
+    outcomes = run_pytest(tmp_path, {"RANK_LOG": str(rank_log), "FASTSPAWN_ZYGOTE_TIMEOUT": "0.05"})
+    assert outcomes == {"test_fresh::test_per_test": ("passed", ""), "test_fresh::test_per_class": ("passed", "")}
+    seen = sorted((r["kind"], r["rank"], r["fresh"], tuple(r["hinted"])) for r in read_log(rank_log))
+    assert seen == [("per-class", 0, True, ()), ("per-class", 1, True, ()), ("per-test", 0, True, ()), ("per-test", 1, True, ())]
+
+
 def test_torch_style_class_runs_unchanged_with_only_the_import_switched(tmp_path):
     pytest.importorskip("torch")
     for name, base in (("test_torch_base", TORCH_BASE), ("test_fastspawn_base", FASTSPAWN_BASE)):

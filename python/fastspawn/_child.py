@@ -262,8 +262,15 @@ def run_forked(
             _end(result_fd, code)
 
 
+# True in a fresh interpreter started as a child (by :func:`main`): what it imports (the
+# call's modules) must not start processes of its own on import, e.g. a zygote.
+in_fresh_child = False
+
+
 def main() -> None:
     """Entry point of a fresh child: ``python -c BOOTSTRAP CONTROL_FD RESULT_FD OWNER``."""
+    global in_fresh_child
+    in_fresh_child = True
     control_fd, result_fd, owner = (int(a) for a in sys.argv[-3:])
     _keep_to_ourselves(control_fd, result_fd)
     from . import _core

@@ -49,8 +49,14 @@ def _inside_fastspawn_child() -> bool:
     in_zygote_tree = getattr(sys.modules.get("fastspawn._zygote"), "in_zygote_tree", None)
     if in_zygote_tree is not None and in_zygote_tree():
         return True
+    if getattr(sys.modules.get("fastspawn._child"), "in_fresh_child", False):
+        return True  # a fastspawn child in a fresh interpreter, loading its call
     mp_process = sys.modules.get("multiprocessing.process")
-    return mp_process is not None and mp_process.parent_process() is not None
+    if mp_process is None:
+        return False
+    # A multiprocessing child: once running (its parent is known), or while it unpickles
+    # what it was sent (_inheriting), before that.
+    return mp_process.parent_process() is not None or bool(getattr(mp_process.current_process(), "_inheriting", False))
 
 
 def zygote_wanted() -> bool:

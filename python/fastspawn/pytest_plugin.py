@@ -140,10 +140,12 @@ _MARKED = re.compile(rb"\bmark\.spawn\b|\bdef\s+\w+\s*\((?:[^)]*,)?\s*spawn\s*[,
 _TESTING = re.compile(rb"\bfastspawn\.testing\b|\bfrom\s+fastspawn\s+import\s[^\n]*\btesting\b")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> Generator[None, Any, None]:
-    _session(parent.config).module_found(module_path, parent.config)
-    yield
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    # Right before pytest imports a test module it collects. (Not when the Module node is
+    # made: pytest makes one for every test file of a directory it walks, also for files
+    # the command line does not select, which are never imported.)
+    if isinstance(collector, pytest.Module):
+        _session(collector.config).module_found(collector.path, collector.config)
 
 
 def _module_name(path: Path, config: pytest.Config) -> Optional[Tuple[str, str, bool]]:
