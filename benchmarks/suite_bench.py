@@ -6,6 +6,7 @@ whole pytest run.
     python benchmarks/suite_bench.py --quick        # 8 tests per suite, 1 round
     python benchmarks/suite_bench.py --rounds 3     # interleaved rounds, medians reported
     python benchmarks/suite_bench.py --suites torch-c10d fastspawn-c10d
+    python benchmarks/suite_bench.py --wait-load 1.0   # first wait (<= 15 min) for a quiet machine
 
 Three families of suites; the suites of a family run the same tests (world size 2, gloo),
 written for each contender (the test modules are in ``_suite_files.py``):
@@ -60,12 +61,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _suite_files import PROBE, family, suite_count, suite_source  # noqa: E402
-from spawn_bench import describe, div, fmt_x, loadavg, log, machine_info, table, write_atomic  # noqa: E402
+from spawn_bench import describe, div, fmt_x, loadavg, log, machine_info, table, wait_for_quiet, write_atomic  # noqa: E402
 
 SUITES = (
     "marker",
@@ -294,6 +295,13 @@ def _s(value: Optional[float], digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _waited(wait: Optional[Dict[str, Any]]) -> str:
+    if not wait:
+        return ""
+    reached = "reached" if wait["quiet"] else "not reached"
+    return f" Before starting, waited {wait['waited_s']:.0f} s for the 1-min load to drop to ≤ {wait['threshold']:g} ({reached})."
+
+
 def render(summary: Dict[str, Any], runs: Dict[str, List[Dict[str, Any]]], args: argparse.Namespace, info: Dict[str, Any]) -> str:
     out = [
         "# Test-suite benchmark: distributed test suites, gloo, world size 2",
@@ -302,7 +310,8 @@ def render(summary: Dict[str, Any], runs: Dict[str, List[Dict[str, Any]]], args:
         f"`python -m pytest` run (wall time, median over rounds). {info.get('nproc')} CPUs, Python {info.get('python')}, "
         f"torch {info.get('torch')}, {info.get('date')}, git {str(info.get('git_commit'))[:10]}. "
         f"Load average (1/5/15 min) at the start {info.get('loadavg_start')}, at the end {info.get('loadavg_end')}: "
-        "the machine is shared, so absolute times are noisy; the suites run interleaved.",
+        "the machine is shared, so absolute times are noisy; the suites run interleaved."
+        + _waited(info.get("load_wait")),
         "",
         "Families (the suites of a family run the same tests): "
         + "; ".join(f"**{name}**: {text}" for name, text in FAMILY_TITLE.items())
@@ -398,13 +407,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="development run: N = 8")
     parser.add_argument("--suites", nargs="+", choices=[*SUITES, REFERENCE], default=[*SUITES, REFERENCE])
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--wait-load", type=float, default=None, metavar="L",
+                        help="first wait until the 1-minute load average is <= L (at most --wait-max s)")
+    parser.add_argument("--wait-max", type=float, default=900.0, help="seconds --wait-load waits at most (900)")
     args = parser.parse_args(argv)
     if args.tests is None:
         args.tests = 8 if args.quick else 40
     if args.tests < 1 or args.rounds < 1:
         parser.error("--tests and --rounds must be at least 1")
 
+    load_wait = wait_for_quiet(args.wait_load, args.wait_max) if args.wait_load is not None else None
     info = machine_info()
+    info["load_wait"] = load_wait
     missing = missing_suites(args.suites)
     for suite, reason in missing.items():
         log(f"not running {suite}: {reason}")
