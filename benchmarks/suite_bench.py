@@ -32,11 +32,11 @@ written for each contender (the test modules are in ``_suite_files.py``):
 - ``startup`` (reference, not a contender): N empty tests in a module importing
   ``torch.distributed``: the fixed cost of a pytest run that imports torch.
 
-Each suite runs as ``python -m pytest -q -p no:cacheprovider FILE`` in a fresh process; the
-time is the wall time of that whole process. A ``conftest.py`` probe beside the test files
-records the clock when collection ended and when each test phase started and ended, so the
-report splits each run into start-up and collection, the first test, the other tests and
-what follows the last one. Every run has a private bytecode cache (``PYTHONPYCACHEPREFIX``,
+Each suite runs as ``python -m pytest -q -p no:cacheprovider FILE`` in a fresh process, from
+a directory holding only that file and a probe; the time is the wall time of that whole
+process. The probe, a ``conftest.py``, records the clock when collection ended and when each
+test phase started and ended, so the report splits each run into start-up and collection,
+the first test, the other tests and what follows the last one. Every run has a private bytecode cache (``PYTHONPYCACHEPREFIX``,
 without ``PYTHONDONTWRITEBYTECODE``, as an installed package has its .pyc files), filled by
 an untimed warm-up run of every suite with one test before the rounds (this also fills the
 page cache). In each round every suite runs once, the order rotated by one per round.
@@ -203,22 +203,28 @@ def run_suite(path: Path, count: int, env: Dict[str, str]) -> Dict[str, Any]:
 
 
 def write_suites(counts: Dict[str, int], directory: Path) -> Dict[str, Path]:
-    """Each suite's test module with its number of tests, and the probe, in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "conftest.py").write_text(PROBE)
+    """Each suite's test module with its number of tests, alone in its own directory under
+    ``directory`` with the probe (a run sees no other suite's file)."""
     paths = {}
     for suite, count in counts.items():
-        path = directory / f"test_{suite.replace('-', '_')}.py"
+        name = suite.replace("-", "_")
+        path = directory / name / f"test_{name}.py"
+        path.parent.mkdir(parents=True)
+        (path.parent / "conftest.py").write_text(PROBE)
         path.write_text(suite_source(suite, count))
         paths[suite] = path
     return paths
 
 
-def warm_up(suites: Sequence[str], directory: Path, env: Dict[str, str]) -> None:
+def warm_up(suites: Sequence[str], directory: Path, env: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
     """One untimed run of every suite with one test: bytecode cache and page cache."""
+    results = {}
     for suite, path in write_suites({s: 1 for s in suites}, directory / "warmup").items():
-        result = run_suite(path, 1, env)
+        result = results[suite] = run_suite(path, 1, env)
         log(f"warm-up  {suite:21s} {result['wall_s']:8.2f} s  {'ok' if result['ok'] else 'FAILED: ' + result['summary']}")
+        if not result["ok"]:
+            log(result.get("output_tail", ""))
+    return results
 
 
 def run_rounds(suites: Sequence[str], tests: int, rounds: int, directory: Path, env: Dict[str, str]) -> Dict[str, List[Dict[str, Any]]]:
@@ -426,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="suite-bench-") as name:
         directory = Path(name)
         env = run_env(directory)
-        warm_up(suites, directory, env)
+        warm = warm_up(suites, directory, env)
         runs = run_rounds(suites, args.tests, args.rounds, directory, env)
     info["loadavg_end"] = loadavg()
     summary = summarise(runs, args.tests, missing)
@@ -434,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report)
     name = "suite_bench_quick" if args.quick else "suite_bench"
     write_atomic(args.out_dir / f"{name}.md", report)
-    record = {"tests": args.tests, "rounds": args.rounds, "machine": info, "runs": runs, **summary}
+    record = {"tests": args.tests, "rounds": args.rounds, "machine": info, "warm_up": warm, "runs": runs, **summary}
     write_atomic(args.out_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
     log(f"wrote {args.out_dir / (name + '.md')} and .json")
     return 0 if all(r["ok"] for results in runs.values() for r in results) else 1
