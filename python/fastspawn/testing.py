@@ -40,7 +40,16 @@ The differences:
 - A skip inside a rank (``unittest.SkipTest``, or ``pytest.skip``) carries its reason to the
   parent, instead of torch's generic "look at subprocess log" message.
 
-The class is built on first access: its base is torch's own test ``TestCase``
+``MultiProcContinuousTest`` is the drop-in for torch's class of the same name: the ranks
+and their process group are started once per class (at its first test) and run every test
+of the class, each test's outcome sent back to the parent. Same attributes and hooks
+(``world_size``, ``rank``, ``backend_str()``, ``device_type()``, ``opts()``, ``_init_pg``,
+``timeout``, ``rdvz_file``, ``pg``, the ``TEST_SKIPS`` exit codes). Where torch skips the
+rest of the class after a failure or a timeout, this one fails that test (at a timeout
+with every rank's stack), stops the ranks and starts new ones for the next test; a rank
+that dies fails the test it was running, the same way.
+
+Both classes are built on first access: their base is torch's own test ``TestCase``
 (``torch.testing._internal.common_utils.TestCase``: tensor-aware ``assertEqual`` and the
 rest) when torch is installed, ``unittest.TestCase`` otherwise. Importing this module does
 not import torch.
@@ -49,10 +58,12 @@ not import torch.
 from __future__ import annotations
 
 import faulthandler
+import inspect
 import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -62,12 +73,15 @@ import traceback
 import types
 import unittest
 import warnings
+import weakref
+from datetime import timedelta
 from functools import wraps
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "DEFAULT_WORLD_SIZE",
+    "MultiProcContinuousTest",
     "MultiProcessTestCase",
     "TEST_ERROR_EXIT_CODE",
     "TEST_SKIPS",
@@ -127,8 +141,15 @@ _SEED = 1234
 
 
 def get_timeout(test_id: str) -> float:
-    """The timeout in seconds of the test ``test_id`` (``module.Class.test_name``)."""
-    return TIMEOUT_OVERRIDE.get(test_id.split(".")[-1], TIMEOUT_DEFAULT)
+    """The timeout in seconds of the test ``test_id`` (``module.Class.test_name``): its
+    entry in our ``TIMEOUT_OVERRIDE``, else in torch's if torch's test utilities are
+    loaded (a torch-style suite sets that one), else ``TIMEOUT_DEFAULT``."""
+    name = test_id.split(".")[-1]
+    if name in TIMEOUT_OVERRIDE:
+        return TIMEOUT_OVERRIDE[name]
+    torch_distributed = sys.modules.get("torch.testing._internal.common_distributed")
+    overrides = getattr(torch_distributed, "TIMEOUT_OVERRIDE", {})
+    return float(overrides.get(name, TIMEOUT_DEFAULT))
 
 
 def _skip_codes() -> Dict[int, Any]:
@@ -287,6 +308,15 @@ def stop_ranks(run: Any, grace: float) -> Tuple[List[int], List[int]]:
 def _prepare_rank() -> None:
     """What torch sets up in a rank before the test: identical seeds in every rank, and
     with torch loaded, C++ stack traces on errors and fatal signals."""
+    _seed_rank()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch._C._set_print_stack_traces_on_fatal_signal(True)
+        os.environ["TORCH_SHOW_CPP_STACKTRACES"] = "1"
+
+
+def _seed_rank() -> None:
+    """The same seeds in every rank: torch's test utilities' when they are loaded."""
     torch_utils = sys.modules.get("torch.testing._internal.common_utils")
     if torch_utils is not None:
         torch_utils.set_rng_seed()
@@ -298,10 +328,6 @@ def _prepare_rank() -> None:
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.manual_seed(_SEED)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch._C._set_print_stack_traces_on_fatal_signal(True)
-        os.environ["TORCH_SHOW_CPP_STACKTRACES"] = "1"
 
 
 def _destroy_process_group() -> None:
@@ -315,17 +341,66 @@ def _destroy_process_group() -> None:
         pass
 
 
-class _RankEntry:
-    """What each rank runs: ``test_class._run(rank, ...)`` with its own channels.
+# ----------------------------------------------------- both classes' test methods
+def _parent_or_rank(case: Any, fn: Callable[[], Any], in_parent: Callable[[], None]) -> Callable[[], Any]:
+    """``fn`` as a test method of ``case``: in the parent (rank ``MAIN_PROCESS_RANK``)
+    ``in_parent()`` runs instead (it waits for the ranks), in a rank ``fn`` itself."""
+
+    @wraps(fn)
+    def wrapper(self: Any) -> None:
+        if self.rank == self.MAIN_PROCESS_RANK:
+            in_parent()
+        else:
+            fn()
+
+    return types.MethodType(wrapper, case)
+
+
+def _test_method_name(method_name: str, methodName: str) -> str:
+    """torch's classes take the test's name positionally (``method_name``) and as
+    unittest's keyword (``methodName``)."""
+    return methodName if methodName != "runTest" else method_name
+
+
+def _wrap_test_method(
+    case: unittest.TestCase, method_name: str, methodName: str, wrap: Callable[[Callable[[], Any]], Any]
+) -> None:
+    """Replace the test method ``method_name`` of ``case`` by ``wrap(method)``; a missing
+    method is an error only when named explicitly (``methodName``)."""
+    try:
+        fn = getattr(case, method_name)
+    except AttributeError as exc:
+        if methodName != "runTest":
+            raise ValueError(f"no such test method in {case.__class__}: {methodName}") from exc
+    else:
+        setattr(case, method_name, wrap(fn))
+
+
+class _Entry:
+    """What each rank of a test class runs (subclasses say what).
 
     Its ``__module__`` is the test class's module, because fastspawn's zygote imports the
     module of the function it starts: so the test module (and torch with it) is imported
     once in the zygote, and each rank is only a fork.
     """
 
-    def __init__(self, test_class: Type[_MultiProcessTestCaseBase]) -> None:
+    def __init__(self, test_class: Any) -> None:
         self.test_class = test_class
         self.__module__ = test_class.__module__
+
+    @staticmethod
+    def _keep_own(rank: int, channels: Sequence[Any], stacks: Sequence[RankFile]) -> None:
+        """In rank ``rank``: close the other ranks' ends, and write stacks to its own
+        file at SIGTERM and fatal signals."""
+        for other, (channel, stack_file) in enumerate(zip(channels, stacks)):
+            if other != rank:
+                channel.close()
+                stack_file.close()
+        stacks[rank].dump_stacks_on_signals()
+
+
+class _RankEntry(_Entry):
+    """``test_class._run(rank, ...)`` (a MultiProcessTestCase test) with its own channels."""
 
     def __call__(
         self,
@@ -336,11 +411,7 @@ class _RankEntry:
         stacks: Sequence[RankFile],
         kwargs: Dict[str, Any],
     ) -> None:
-        for other, (message_file, stack_file) in enumerate(zip(messages, stacks)):
-            if other != rank:
-                message_file.close()
-                stack_file.close()
-        stacks[rank].dump_stacks_on_signals()
+        self._keep_own(rank, messages, stacks)
         self.test_class._run(rank, test_name, file_name, messages[rank].connection(), **kwargs)
 
 
@@ -382,27 +453,12 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
 
     def join_or_run(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """The test method as run: the parent joins the ranks, each rank runs ``fn``."""
-
-        @wraps(fn)
-        def wrapper(self: _MultiProcessTestCaseBase) -> None:
-            if self.rank == self.MAIN_PROCESS_RANK:
-                self._join_processes(fn)
-            else:
-                fn()
-
-        return types.MethodType(wrapper, self)
+        return _parent_or_rank(self, fn, lambda: self._join_processes(fn))
 
     def __init__(self, method_name: str = "runTest", methodName: str = "runTest") -> None:
-        if methodName != "runTest":  # unittest's keyword, and torch's positional name
-            method_name = methodName
+        method_name = _test_method_name(method_name, methodName)
         super().__init__(method_name)
-        try:
-            fn = getattr(self, method_name)
-        except AttributeError as exc:
-            if methodName != "runTest":
-                raise ValueError(f"no such test method in {self.__class__}: {methodName}") from exc
-        else:
-            setattr(self, method_name, self.join_or_run(fn))
+        _wrap_test_method(self, method_name, methodName, self.join_or_run)
 
     def setUp(self) -> None:
         super().setUp()
@@ -645,6 +701,490 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
                 raise unittest.SkipTest(reason if kind == "skip" and reason else skip.message)
 
 
+# ------------------------------------------------------- ranks kept across a class
+class _RankChannel:
+    """A rank's end of its socket to the parent, with the two calls the rank's loop makes:
+    ``get()`` the next test id (None: exit), ``put(result)``."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def get(self) -> Optional[str]:
+        """The next test id the parent dispatched; None (also when the parent is gone)."""
+        try:
+            task: Optional[str] = self.connection.recv()
+        except (EOFError, OSError):
+            return None
+        return task
+
+    def put(self, result: Tuple[str, str, str]) -> None:
+        """Send ``(test id, "ok" | "skip" | "error", text)`` to the parent."""
+        self.connection.send(result)
+
+
+class _ContinuousEntry(_Entry):
+    """The ranks of a :class:`MultiProcContinuousTest` class: its ``_worker_loop`` over
+    each rank's own channel."""
+
+    def __call__(
+        self,
+        rank: int,
+        world_size: int,
+        rdvz_file: str,
+        channels: Sequence[Connection],
+        stacks: Sequence[RankFile],
+    ) -> None:
+        self._keep_own(rank, channels, stacks)
+        queue = _RankChannel(channels[rank])
+        self.test_class._worker_loop(rank, world_size, rdvz_file, queue, queue)
+
+
+def _remove_directory(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _MultiProcContinuousTestBase(unittest.TestCase):
+    """The logic of :class:`MultiProcContinuousTest` (which adds torch's TestCase as a base).
+
+    Parent side, per class: ``world_size`` ranks started at the first test, each holding a
+    socket to the parent (test ids down, one result per test up) and a memory file for its
+    stacks. Rank side: ``_worker_loop`` creates the process group, then runs the tests it is
+    sent until told to exit.
+    """
+
+    MAIN_PROCESS_RANK = -1
+    # Ranks per class; -2: one per device of ``device_type()``. A property works too.
+    world_size: int = -2
+    # In a rank, its rank; -2 until set.
+    rank: int = -2
+    # The rendezvous file of the current ranks (a new one each time ranks start).
+    rdvz_file: Optional[str] = None
+    # The process group's timeout.
+    timeout: timedelta = timedelta(seconds=120)
+    # torch skips the rest of the class after a failure; fastspawn replaces the ranks
+    # instead, and never sets it.
+    poison_pill: bool = False
+    # Seconds a rank gets after SIGTERM (at a test's timeout, or at tearDownClass) before
+    # SIGKILL.
+    kill_grace_period: float = 3.0
+    # Seconds tearDownClass waits for the ranks to destroy their process group and exit.
+    shutdown_timeout: float = 30.0
+
+    pg: Any  # in a rank: the default process group, set by _init_pg
+    processes: List[Any]
+    _processes_spawned: bool = False
+    _ranks: Optional[Any] = None  # the running ranks (fastspawn._api._Run)
+    _channels: List[Connection] = []
+    _stack_files: Optional[RankFiles] = None
+    _rdvz_dir: Optional[str] = None  # where the rendezvous files go; removed at tearDownClass
+    _rdvz_cleanup: Optional[Any] = None  # weakref.finalize removing it (at exit at the latest)
+    _generation: int = 0
+
+    # ------------------------------------------------------------ overridable hooks
+    @classmethod
+    def backend_str(cls) -> Optional[str]:
+        """The process group's backend (e.g. "gloo", "nccl"); None lets torch choose."""
+        return None
+
+    @classmethod
+    def device_type(cls) -> str:
+        """The device the tests use: the current accelerator's type, else "cpu"."""
+        try:
+            import torch
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            return "cpu"  # without torch, a class whose _init_pg needs none still runs
+        accelerator = torch.accelerator.current_accelerator()
+        return "cpu" if accelerator is None else str(accelerator.type)
+
+    @classmethod
+    def opts(cls, high_priority_stream: bool = False) -> Any:
+        """Backend options passed to ``init_process_group`` (``pg_options``); None here."""
+        return None
+
+    @classmethod
+    def _init_pg(cls, rank: int, world_size: int, rdvz_file: Optional[str]) -> None:
+        """In a rank, once per rank set: create the default process group on a FileStore
+        at ``rdvz_file`` and keep it as ``cls.pg``."""
+        from torch import distributed as c10d
+        from torch._C._distributed_c10d import FileStore
+
+        if rdvz_file is None:
+            raise AssertionError("Expected rdvz_file to not be None")
+        os.environ["LOCAL_RANK"] = str(rank)  # as torchrun would, for device meshes
+        c10d.init_process_group(
+            backend=cls.backend_str(),
+            store=FileStore(rdvz_file, world_size),
+            rank=rank,
+            world_size=world_size,
+            timeout=cls.timeout,
+            pg_options=cls.opts(),
+        )
+        cls.pg = c10d.distributed_c10d._get_default_group()
+
+    # ---------------------------------------------------------------- rank side
+    @classmethod
+    def _run_test_given_id(cls, test_id: str, **kwargs: Any) -> None:
+        """In a rank: run the test ``test_id`` (``module.Class.test_name``) as this rank."""
+        test_name = test_id.rsplit(".", 1)[-1]
+        self = cls(test_name)
+        self.rank = cls.rank
+        self.world_size = cls.world_size
+        method = getattr(self, test_name)
+        _seed_rank()
+        method(**kwargs)
+
+    @classmethod
+    def _skip_reason(cls, exc: BaseException) -> Optional[str]:
+        """The skip ``exc`` means in a rank: a SystemExit with a TEST_SKIPS code, or a
+        unittest/pytest skip; None for anything else."""
+        if isinstance(exc, SystemExit):
+            skip = _skip_codes().get(exc.code) if isinstance(exc.code, int) else None
+            return None if skip is None else str(skip.message)
+        if isinstance(exc, _skip_exceptions()):
+            return str(exc)
+        return None
+
+    @classmethod
+    def _worker_loop(
+        cls, rank: int, world_size: int, rdvz_file: Optional[str], task_queue: Any, completion_queue: Any
+    ) -> None:
+        """In a rank: create the process group, then run each test id ``task_queue.get()``
+        gives, and ``completion_queue.put`` its outcome, until it gives None."""
+        if not 0 <= rank < world_size:
+            raise AssertionError(f"Expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        cls.rank = rank
+        cls.world_size = world_size
+        init_skip: Optional[str] = None
+        try:
+            cls._init_pg(rank, world_size, rdvz_file)
+        except SystemExit as exc:
+            init_skip = cls._skip_reason(exc)
+            if init_skip is None:
+                raise
+        logger.debug("Rank %s ready", rank)
+        failed = False
+        while True:
+            test_id = task_queue.get()
+            if test_id is None:
+                break
+            if init_skip is not None:
+                completion_queue.put((test_id, "skip", init_skip))
+                continue
+            try:
+                cls._run_test_given_id(test_id)
+            except BaseException as exc:
+                reason = cls._skip_reason(exc)
+                if reason is not None:
+                    logger.info("Process %s skipping test %s for following reason: %s", rank, test_id, reason)
+                    completion_queue.put((test_id, "skip", reason))
+                    continue
+                failed = True
+                completion_queue.put((test_id, "error", traceback.format_exc()))
+            else:
+                completion_queue.put((test_id, "ok", ""))
+        logger.debug("Rank %s exiting", rank)
+        if not failed:  # after a failure, a collective may still wait for this rank
+            _destroy_process_group()
+
+    # -------------------------------------------------------------- parent: ranks
+    @classmethod
+    def _get_world_size(cls, device_type: str) -> int:
+        """``world_size`` (a class attribute or a property); -2 means one rank per device
+        of ``device_type``, and the class is skipped when there is none."""
+        declared = inspect.getattr_static(cls, "world_size", None)
+        if isinstance(declared, property) and declared.fget is not None:
+            world_size = int(declared.fget(object.__new__(cls)))
+        else:
+            world_size = int(cls.world_size)
+        if world_size == -2:
+            import torch
+
+            world_size = int(torch.get_device_module(device_type).device_count())
+            if world_size == 0:
+                raise unittest.SkipTest(f"No {device_type} devices available")
+        return world_size
+
+    @classmethod
+    def _resolve_device_type(cls) -> str:
+        """``device_type``: a classmethod (the default), a property, a plain function or a
+        string attribute (as ``instantiate_device_type_tests`` sets it)."""
+        declared = cls.__dict__.get("device_type", cls.device_type)
+        if isinstance(declared, classmethod):
+            return str(declared.__func__(cls))
+        if isinstance(declared, property) and declared.fget is not None:
+            return str(declared.fget(cls))
+        if callable(declared):
+            return str(declared())
+        return str(declared)
+
+    @classmethod
+    def _ensure_processes_spawned(cls) -> None:
+        """Start the ranks if none are running (at the class's first test, and after a
+        test that failed, timed out or lost a rank)."""
+        run = cls._ranks
+        if cls._processes_spawned and run is not None:
+            run.poll()
+            if not run.exit_order:
+                return
+            logger.warning(
+                "Process %s of %s exited between tests (exit code %s); starting new ranks",
+                run.exit_order[0],
+                cls.__name__,
+                run.exitcodes[run.exit_order[0]],
+            )
+            cls._stop_processes(0.0)
+        device_type = cls._resolve_device_type()
+        cls.world_size = cls._get_world_size(device_type)
+        backend = cls.backend_str() if callable(cls.backend_str) else cls.backend_str
+        if backend is not None:
+            import torch.distributed as c10d
+
+            available = {
+                "nccl": c10d.is_nccl_available,
+                "gloo": c10d.is_gloo_available,
+                "mpi": c10d.is_mpi_available,
+                "xccl": c10d.is_xccl_available,
+            }.get(backend)
+            if available is not None and not available():
+                raise unittest.SkipTest(f"Backend '{backend}' is not available")
+        logger.info("Testing class %s on %s %s", cls.__name__, cls.world_size, device_type)
+        cls._spawn_processes(cls.world_size)
+        cls._processes_spawned = True
+
+    @classmethod
+    def _spawn_processes(cls, world_size: int) -> None:
+        """Start ``world_size`` ranks forked from the zygote, on a new rendezvous file."""
+        from . import _api
+
+        nprocs = int(world_size)
+        if cls._rdvz_dir is None:
+            cls._rdvz_dir = tempfile.mkdtemp(prefix="fastspawn-continuous-")
+            cls._rdvz_cleanup = weakref.finalize(cls, _remove_directory, cls._rdvz_dir)
+        cls._generation += 1
+        cls.rdvz_file = os.path.join(cls._rdvz_dir, f"rendezvous-{cls._generation}")
+        cls._close_stack_files()
+        pairs = [multiprocessing.Pipe(duplex=True) for _ in range(nprocs)]
+        cls._stack_files = RankFiles(nprocs, "stacks")
+        try:
+            context = _api.start_processes(
+                _ContinuousEntry(cls),
+                args=(nprocs, cls.rdvz_file, [rank_end for _, rank_end in pairs], cls._stack_files.for_ranks()),
+                nprocs=nprocs,
+                join=False,
+                daemon=True,  # stopped at interpreter exit if tearDownClass never ran
+                start_method="spawn",
+            )
+        except BaseException:
+            for ours, _ in pairs:
+                ours.close()
+            cls._stack_files.close()
+            raise
+        finally:
+            for _, rank_end in pairs:
+                rank_end.close()
+        assert context is not None
+        cls._ranks = context._run
+        cls._channels = [ours for ours, _ in pairs]
+        cls.processes = list(context.processes)
+        for rank, process in enumerate(cls.processes):
+            logger.debug("Started process %s with pid %s", rank, process.pid)
+
+    @classmethod
+    def _stop_processes(cls, grace: float) -> None:
+        """Stop the ranks (see :func:`stop_ranks`) and free their channels; the next test
+        starts new ones. The stacks file stays readable until the next start."""
+        run, cls._ranks = cls._ranks, None
+        cls._processes_spawned = False
+        if run is not None:
+            killed, unstoppable = stop_ranks(run, grace)
+            for rank in killed if grace > 0 else ():
+                logger.warning(
+                    "Process %s of %s did not exit within %s seconds of SIGTERM; it got SIGKILL",
+                    rank,
+                    cls.__name__,
+                    grace,
+                )
+            for rank in unstoppable:
+                logger.warning("Process %s of %s could not be stopped; fastspawn reaps it when it exits", rank, cls.__name__)
+        channels, cls._channels = cls._channels, []
+        for channel in channels:
+            channel.close()
+
+    @classmethod
+    def _close_stack_files(cls) -> None:
+        stack_files, cls._stack_files = cls._stack_files, None
+        if stack_files is not None:
+            stack_files.close()
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        """The ranks start at the first test, not here (as torch's: a class whose tests
+        are all skipped starts none)."""
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        """Tell the ranks to exit, wait at most ``shutdown_timeout`` seconds, stop those
+        left, and remove the rendezvous directory."""
+        try:
+            run = cls._ranks
+            if run is not None:
+                for channel in cls._channels:
+                    try:
+                        channel.send(None)
+                    except OSError:
+                        pass  # that rank is gone already
+                run.wait_all(cls.shutdown_timeout)
+                cls._stop_processes(cls.kill_grace_period)
+            cls._close_stack_files()
+            cleanup, cls._rdvz_cleanup, cls._rdvz_dir = cls._rdvz_cleanup, None, None
+            if cleanup is not None:
+                cleanup()
+        finally:
+            logger.info("Class %s finished", cls.__name__)
+            super().tearDownClass()
+
+    # -------------------------------------------------------------- parent: tests
+    def __init__(self, method_name: str = "runTest", methodName: str = "runTest") -> None:
+        method_name = _test_method_name(method_name, methodName)
+        super().__init__(method_name)
+        _wrap_test_method(self, method_name, methodName, self._worker_run_main_wait)
+
+    def setUp(self) -> None:
+        """Start the ranks if needed, and send them this test."""
+        super().setUp()
+        cls = type(self)
+        cls._ensure_processes_spawned()
+        self.rank = self.MAIN_PROCESS_RANK
+        for channel in cls._channels:
+            try:
+                channel.send(self.id())
+            except OSError:
+                pass  # that rank died: the test's wait reports it
+
+    def _worker_run_main_wait(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """The test method as run: the parent waits for every rank's outcome of this test,
+        each rank runs ``fn``."""
+        return _parent_or_rank(self, fn, self._wait_for_ranks)
+
+    def _wait_for_ranks(self) -> None:
+        """In the parent: collect each rank's outcome of this test, at most ``get_timeout``
+        seconds; raise the failure, skip or timeout. After a failure, a timeout or a rank's
+        death, the ranks are stopped and the next test starts new ones."""
+        cls = type(self)
+        run = cls._ranks
+        if run is None:
+            raise RuntimeError(f"no ranks are running for {self.id()}")
+        test_id = self.id()
+        timeout = get_timeout(test_id)
+        start = time.monotonic()
+        outcomes: Dict[int, Tuple[str, str]] = {}
+        closed: List[int] = []
+        while True:
+            for rank, channel in enumerate(cls._channels):
+                if rank not in outcomes and rank not in closed:
+                    try:
+                        received = self._receive(channel, test_id)
+                    except (EOFError, OSError):  # the rank is exiting: its exit follows
+                        closed.append(rank)
+                    else:
+                        if received is not None:
+                            outcomes[rank] = received
+            errors = sorted(rank for rank, (kind, _) in outcomes.items() if kind == "error")
+            run.poll()
+            if run.exit_order:  # the cause, also of errors it made in other ranks
+                self._fail_rank_death(run, test_id, outcomes, list(run.exit_order))
+            left = start + timeout - time.monotonic()
+            if closed and left > 0:  # a rank is exiting: wait for its exit, then report it
+                run.wait_any(left, len(run.exit_order))
+                continue
+            if errors or len(outcomes) == len(cls._channels):
+                break
+            if left <= 0:
+                self._fail_timeout(time.monotonic() - start, outcomes)
+            watch = [c.fileno() for r, c in enumerate(cls._channels) if r not in outcomes and r not in closed]
+            run.wait_any(left, len(run.exit_order), watch=watch)
+        if errors:
+            logger.warning(
+                "Detected failure from Rank %s in: %s, starting new ranks for the rest of %s",
+                errors[0],
+                test_id,
+                cls.__name__,
+            )
+            cls._stop_processes(0.0)
+            # A rank that was exiting by itself meanwhile (its exit not seen yet, its death
+            # maybe the cause of the error: a peer's collective fails) is that failure.
+            dead = [rank for rank in run.exit_order if rank not in outcomes and run.exitcodes[rank] != -signal.SIGKILL]
+            if dead:
+                self._fail_rank_death(run, test_id, outcomes, dead)
+            text = "".join(
+                ("" if i == 0 else f"\n-- and in process {rank}:\n") + outcomes[rank][1]
+                for i, rank in enumerate(errors)
+            )
+            raise RuntimeError(f"Exception in worker process:\n{text}")
+        skips = [outcomes[rank][1] for rank in sorted(outcomes) if outcomes[rank][0] == "skip"]
+        if skips:
+            raise unittest.SkipTest(skips[0])
+
+    @staticmethod
+    def _receive(channel: Connection, test_id: str) -> Optional[Tuple[str, str]]:
+        """What a rank sent about ``test_id`` so far, ``(kind, text)``, or None (without
+        waiting); EOFError once the rank's end is closed. Outcomes of earlier tests whose
+        wait never ran (a setUp override that raised after dispatching) are dropped."""
+        while channel.poll(0):  # something is readable: a whole message is being sent
+            sent_id, kind, text = channel.recv()
+            if sent_id == test_id:
+                return kind, text
+        return None
+
+    def _fail_rank_death(
+        self, run: Any, test_id: str, outcomes: Dict[int, Tuple[str, str]], dead: List[int]
+    ) -> None:
+        """Ranks ``dead`` exited during the test: fail it (exit code, stack at a fatal
+        signal, the rank's traceback if it raised), after stopping the others."""
+        from . import _payload
+
+        cls = type(self)
+        stack_files = cls._stack_files
+        cls._stop_processes(0.0)
+        message = ""
+        for rank in dead:
+            code = run.exitcodes[rank]
+            message += f"Process {rank} exited with code {code} during {test_id}"
+            if isinstance(code, int) and code < 0:
+                stacks = stack_files.text(rank) if stack_files is not None else ""
+                message += f", killed by signal {-code}" + (f", in:\n{stacks}" if stacks else "")
+            record = _payload.decode(run.outputs[rank])
+            if record is not None and record.kind == "error" and record.traceback:
+                message += f"\n{record.traceback}"
+            message += "\n"
+        for rank in sorted(set(range(len(run.exitcodes))) - set(dead)):
+            kind, text = outcomes.get(rank, ("", ""))
+            if kind == "error":
+                message += f"Process {rank} failed meanwhile:\n{text}\n"
+            else:
+                message += f"Process {rank} {'had finished the test' if kind else 'was stopped'}\n"
+        raise RuntimeError(message.rstrip("\n"))
+
+    def _fail_timeout(self, elapsed: float, outcomes: Dict[int, Tuple[str, str]]) -> None:
+        """The test's timeout passed: stop the ranks (SIGTERM first: each writes its
+        stacks), fail with every rank's stack."""
+        cls = type(self)
+        nprocs = len(cls._channels)
+        logger.error("Timing out after %s seconds and killing subprocesses.", elapsed)
+        cls._stop_processes(cls.kill_grace_period)
+        stack_files = cls._stack_files
+        pending = [rank for rank in range(nprocs) if rank not in outcomes]
+        message = f"Process {pending[0]} timed out after {elapsed:.1f}s running {self.id()}"
+        for rank in range(nprocs):
+            stacks = (stack_files.text(rank) if stack_files is not None else "") or "(no stack received)"
+            state = "was running at the timeout" if rank in pending else "had finished the test"
+            message += f"\n\n-- Process {rank} {state}, in:\n{stacks}"
+        raise RuntimeError(message)
+
+
 # ---------------------------------------------------------------- built on first use
 _build_lock = threading.Lock()
 
@@ -658,7 +1198,7 @@ def _test_case_base() -> type:
             return unittest.TestCase
         warnings.warn(
             f"fastspawn.testing: torch's test utilities cannot be imported ({exc}); "
-            "MultiProcessTestCase is based on unittest.TestCase",
+            "its test classes are based on unittest.TestCase",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -666,28 +1206,36 @@ def _test_case_base() -> type:
     return TestCase
 
 
-def _build() -> type:
+# The classes built on first access: name -> (logic base, docstring).
+_BUILT: Dict[str, Tuple[type, str]] = {
+    "MultiProcessTestCase": (
+        _MultiProcessTestCaseBase,
+        "Each test runs in ``world_size`` ranks forked from fastspawn's zygote; "
+        "the parent joins them (a drop-in for torch's MultiProcessTestCase).",
+    ),
+    "MultiProcContinuousTest": (
+        _MultiProcContinuousTestBase,
+        "The ranks and their process group are started once per class (forked from "
+        "fastspawn's zygote) and run every test of the class; after a failure, a timeout or "
+        "a rank's death they are replaced (a drop-in for torch's MultiProcContinuousTest).",
+    ),
+}
+
+
+def _build(name: str) -> type:
+    logic, doc = _BUILT[name]
     base = _test_case_base()
-    bases = (_MultiProcessTestCaseBase,) if base is unittest.TestCase else (_MultiProcessTestCaseBase, base)
-    return type(
-        "MultiProcessTestCase",
-        bases,
-        {
-            "__module__": __name__,
-            "__qualname__": "MultiProcessTestCase",
-            "__doc__": "Each test runs in ``world_size`` ranks forked from fastspawn's zygote; "
-            "the parent joins them (a drop-in for torch's MultiProcessTestCase).",
-        },
-    )
+    bases = (logic,) if base is unittest.TestCase else (logic, base)
+    return type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": doc})
 
 
 def __getattr__(name: str) -> Any:
-    if name != "MultiProcessTestCase":
+    if name not in _BUILT:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _build_lock:
         cls = globals().get(name)
         if cls is None:
-            cls = globals()[name] = _build()
+            cls = globals()[name] = _build(name)
     return cls
 
 
@@ -695,3 +1243,6 @@ if TYPE_CHECKING:
 
     class MultiProcessTestCase(_MultiProcessTestCaseBase):
         """Each test runs in ``world_size`` ranks; the parent joins them."""
+
+    class MultiProcContinuousTest(_MultiProcContinuousTestBase):
+        """Ranks and process group started once per class; each test runs in every rank."""
