@@ -5,6 +5,7 @@ the outcome, the report, and what the ranks recorded."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -479,7 +480,7 @@ def test_errors_name_their_cause(suite: pytest.Pytester) -> None:
             "*- rank 1 of 2 (pid *) exited with code 3 without finishing the test -*",
             "rank 1 leaving",
             "FAILED test_errors.py::test_rank_exits - rank 1 exited with code 3",
-            "*invalid @pytest.mark.spawn arguments: nprocs must be an int >= 1, got 0",
+            "*invalid @pytest.mark.spawn arguments: nprocs must be an int >= 1 (or a list of them), got 0",
             "*the 'rank' fixture needs the test to be marked @pytest.mark.spawn",
             "E       TypeError: the 'rank' fixture has a value only inside the spawned processes*",
         ]
@@ -672,4 +673,416 @@ def test_unused_plugin_loads_nothing(pytester: pytest.Pytester, monkeypatch: pyt
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn'): *"])
+    result.stdout.fnmatch_lines(["@pytest.mark.spawn(nprocs=2, timeout=None, start_method='spawn', devices_per_rank=None): *"])
+
+
+# ------------------------------------------------- early start, while pytest collects
+EARLY_CONFTEST = """
+import time
+import pytest
+from recorder import recorded
+
+@pytest.fixture
+def zygote_import(request):
+    # Waits (bounded) until the zygote has imported the requesting test's module: the
+    # early start does it during collection, with no spawn request. Started by the first
+    # request instead, it would never happen before the test body runs.
+    name = "zygote-" + request.module.__name__.rpartition(".")[2]
+    deadline = time.monotonic() + 60
+    while name not in recorded():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the zygote did not import {request.module.__name__} before the test began")
+        time.sleep(0.02)
+    return recorded()[name]
+"""
+
+EARLY_MODULE = """
+import os, sys
+import pytest
+from recorder import record
+{extra}
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote, not by a rank
+    record("zygote-" + __name__.rpartition(".")[2], pid=os.getpid(), ppid=os.getppid(),
+           loader=type(__loader__).__name__)
+
+@pytest.mark.parametrize("i", range(2))
+@pytest.mark.spawn(nprocs=2)
+def test_ranks(rank, i, zygote_import):
+    record(f"{{__name__}}-{{i}}-{{rank}}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+    assert IMPORTED_IN == zygote_import["pid"]
+"""
+
+
+EARLY_FIXTURE = """
+import os, sys
+from recorder import record
+
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():
+    record("zygote-test_fixture", pid=os.getpid(), ppid=os.getppid(), loader=type(__loader__).__name__)
+
+def report(i):
+    record(f"fixture-{i}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+
+def test_workers(zygote_import, spawn):
+    spawn(report, nprocs=2)
+"""
+
+
+def test_zygote_imports_marked_test_modules_while_pytest_collects(suite: pytest.Pytester) -> None:
+    suite.makeconftest(EARLY_CONFTEST)
+    suite.makepyfile(test_early=EARLY_MODULE.format(extra=""), test_fixture=EARLY_FIXTURE)
+    sub = suite.mkdir("sub")
+    # Found only through the sys.path entry pytest adds for sub/: the zygote adds it too.
+    (sub / "helper_module.py").write_text("VALUE = 1\n")
+    (sub / "test_later.py").write_text(EARLY_MODULE.format(extra="import helper_module"))
+    result = run(suite, "-p", "no:randomly")
+    result.assert_outcomes(passed=5)
+    assert "fresh interpreter" not in result.stdout.str()
+    seen = recorded()
+    early, later, fixture = (seen[f"zygote-test_{name}"] for name in ("early", "later", "fixture"))
+    # One zygote, a child of pytest, imported them all (its sys.path grew with pytest's and
+    # it was not replaced), with pytest's assertion rewriting.
+    assert early["pid"] == later["pid"] == fixture["pid"] != early["ppid"]
+    assert early["loader"] == later["loader"] == fixture["loader"] == "_RewritingLoader"
+    ranks = [data for name, data in seen.items() if not name.startswith("zygote-")]
+    assert len(ranks) == 10
+    for data in ranks:  # forks of that zygote, which had the module: never imported again
+        assert data["imported_in"] == early["pid"] and data["ppid"] == early["ppid"]
+    assert still_running([data["pid"] for data in ranks] + [early["pid"]]) == []
+
+
+NO_RANKS = """
+import os
+import psutil
+import pytest
+
+TEXT = "a test module may mention pytest.mark.spawn without using it"
+
+@pytest.mark.spawn(nprocs=2)
+def test_deselected(rank):
+    pass
+
+def test_no_zygote():
+    import sys
+    api = sys.modules.get("fastspawn._api")
+    assert api is None or api._zygotes.current is None
+    assert os.environ.get("FASTSPAWN_PYTEST_SESSION") is None
+    zygotes = [p for p in psutil.Process().children() if "fastspawn._zygote" in " ".join(p.cmdline())]
+    assert zygotes == []
+"""
+
+
+def test_no_zygote_is_left_for_a_session_whose_tests_need_no_ranks(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_no_ranks=NO_RANKS)
+    run(suite, "-k", "not deselected").assert_outcomes(passed=1, deselected=1)
+
+
+STUCK = """
+import os, sys, time
+import pytest
+
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():
+    time.sleep(120)  # the early import gets stuck (the zygote is given up long before)
+
+@pytest.mark.parametrize("i", range(2))
+@pytest.mark.spawn(nprocs=2)
+def test_in_fresh_interpreters(rank, i):
+    pass
+"""
+
+
+def test_a_stuck_early_import_falls_back_with_one_warning(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSPAWN_ZYGOTE_TIMEOUT", "3")
+    path = suite.makepyfile(test_stuck=STUCK)
+    result = run(suite)
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert out.count("starting each child in a fresh interpreter instead") == 1, out
+    result.stdout.fnmatch_lines(
+        [f"*fastspawn: the zygote (pid *) did not finish importing within 3 s (FASTSPAWN_ZYGOTE_TIMEOUT); "
+         f"its import is stuck at: *{path.name}:{line(path, 'time.sleep(120)')} in <module>*"]
+    )
+
+
+# ---------------------------------------------------------------- world-size lists
+SIZES = """
+import os
+import pytest
+from recorder import record
+
+@pytest.mark.spawn(nprocs=[1, 3])
+def test_sizes(rank, world_size):
+    record(f"sizes-{world_size}-{rank}", env=os.environ["WORLD_SIZE"], pid=os.getpid())
+
+@pytest.mark.parametrize("letter", ["a", "b"])
+@pytest.mark.spawn(nprocs=[2, 1])
+def test_composed(rank, world_size, letter):
+    record(f"composed-{world_size}-{letter}-{rank}", pid=os.getpid())
+
+@pytest.mark.spawn([2])
+def test_positional(rank, world_size):
+    record(f"positional-{world_size}-{rank}", pid=os.getpid())
+"""
+
+
+def test_a_list_of_sizes_runs_the_test_once_per_size(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_sizes=SIZES)
+    result = run(suite, "-v")
+    result.assert_outcomes(passed=7)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_sizes.py::test_sizes[[]nprocs=1[]] PASSED*",
+            "*test_sizes.py::test_sizes[[]nprocs=3[]] PASSED*",
+            # the size's id comes first, then parametrize's
+            "*test_sizes.py::test_composed[[]nprocs=2-a[]] PASSED*",
+            "*test_sizes.py::test_composed[[]nprocs=1-b[]] PASSED*",
+            "*test_sizes.py::test_positional[[]nprocs=2[]] PASSED*",
+        ]
+    )
+    seen = recorded()
+    expected = {"sizes-1-0", "sizes-3-0", "sizes-3-1", "sizes-3-2", "positional-2-0", "positional-2-1"}
+    expected |= {f"composed-{n}-{x}-{r}" for n in (1, 2) for x in "ab" for r in range(n)}
+    assert set(seen) == expected
+    assert all(data["env"] == name.split("-")[1] for name, data in seen.items() if name.startswith("sizes-"))
+
+
+BAD_SIZES = {
+    "test_empty": "[]",
+    "test_not_int": "[2, '4']",
+    "test_zero": "(1, 0)",
+}
+
+
+def test_bad_sizes_fail_at_collection_naming_the_problem(suite: pytest.Pytester) -> None:
+    for name, sizes in BAD_SIZES.items():
+        suite.makepyfile(**{name: f"import pytest\n\n@pytest.mark.spawn(nprocs={sizes})\ndef test_x(rank):\n    pass\n"})
+    suite.makepyfile(test_fine="def test_fine():\n    pass\n")
+    result = run(suite, "--continue-on-collection-errors")
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "ERROR test_empty.py - Failed: invalid @pytest.mark.spawn arguments: nprocs is an empty list: give at least one world size",
+            "ERROR test_not_int.py - Failed: invalid @pytest.mark.spawn arguments: nprocs list must hold ints >= 1, got '4' in [[]2, '4'[]]",
+            "ERROR test_zero.py - Failed: invalid @pytest.mark.spawn arguments: nprocs list must hold ints >= 1, got 0 in [[]1, 0[]]",
+        ]
+    )
+    assert "During handling" not in result.stdout.str()
+
+
+# ------------------------------------------------------------------ devices per rank
+DEVICES = """
+import os
+import pytest
+from recorder import record
+
+def devices(name, rank):
+    record(f"{name}-{rank}", cvd=os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank=os.environ["LOCAL_RANK"],
+           worker=os.environ.get("PYTEST_XDIST_WORKER", ""), pid=os.getpid())
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=1)
+def test_one_each(rank):
+    devices("one", rank)
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=2)
+def test_two_each(rank):
+    devices("two", rank)
+
+@pytest.mark.spawn(nprocs=3, devices_per_rank=2)
+def test_too_few(rank):
+    devices("too_few", rank)
+
+@pytest.mark.spawn(nprocs=2)
+def test_default(rank):
+    devices("default", rank)
+
+@pytest.mark.spawn(nprocs=2, devices_per_rank=0)
+def test_none(rank):
+    devices("none", rank)
+"""
+
+
+@pytest.mark.parametrize("ini", [None, 1])
+def test_each_rank_gets_its_own_devices(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ini: Any) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # four (fake) devices
+    if ini is not None:
+        suite.makeini(INNER_INI + f"spawn_devices_per_rank = {ini}\n")
+    suite.makepyfile(test_devices=DEVICES)
+    result = run(suite)
+    result.assert_outcomes(passed=4, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [[]1[]] test_devices.py:*: needs 6 CUDA device(s) (nprocs=3 x devices_per_rank=2), 4 available"]
+    )
+    seen = recorded()
+    assert [seen[f"one-{r}"]["cvd"] for r in range(2)] == ["0", "1"]
+    assert [seen[f"two-{r}"]["cvd"] for r in range(2)] == ["0,1", "2,3"]
+    assert [seen[f"default-{r}"]["cvd"] for r in range(2)] == (["0,1,2,3"] * 2 if ini is None else ["0", "1"])
+    assert [seen[f"none-{r}"]["cvd"] for r in range(2)] == ["0,1,2,3"] * 2  # the marker wins over the ini
+    assert all(data["local_rank"] == name.rpartition("-")[2] for name, data in seen.items())
+
+
+XDIST_DEVICES = """
+import os
+import pytest
+from recorder import record
+
+@pytest.mark.parametrize("i", range(8))
+@pytest.mark.spawn(nprocs=2, devices_per_rank=1)
+def test_devices(rank, i):
+    record(f"d-{i}-{rank}", cvd=os.environ["CUDA_VISIBLE_DEVICES"], worker=os.environ["PYTEST_XDIST_WORKER"],
+           pid=os.getpid())
+
+@pytest.mark.spawn(nprocs=3, devices_per_rank=1)
+def test_too_few(rank):
+    pass
+"""
+
+
+def test_xdist_workers_take_disjoint_devices(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("xdist")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    suite.makepyfile(test_xdist_devices=XDIST_DEVICES)
+    result = run(suite, "-n", "2")
+    result.assert_outcomes(passed=8, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [[]1[]] test_xdist_devices.py:*: needs 3 CUDA device(s) (nprocs=3 x devices_per_rank=1), "
+         "2 available to xdist worker gw? (of 2, sharing 4)"]
+    )
+    by_worker: dict = {}
+    for data in recorded().values():
+        by_worker.setdefault(data["worker"], set()).add(data["cvd"])
+    assert by_worker == {"gw0": {"0", "1"}, "gw1": {"2", "3"}} or len(by_worker) == 1 and set(by_worker.values()) in (
+        [{"0", "1"}], [{"2", "3"}]
+    ), by_worker  # a worker that ran none of them is possible (xdist distributes)
+
+
+# ------------------------------------------- early start for fastspawn.testing classes
+UNITTEST_EARLY = """
+import os, sys, time, unittest
+from fastspawn.testing import MultiProcessTestCase
+from recorder import record, recorded
+
+IMPORTED_IN = os.getpid()
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # imported by the zygote
+    record("zygote-import", pid=os.getpid(), ppid=os.getppid())
+
+
+class EarlyTest(MultiProcessTestCase):
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        # Bounded wait: the zygote imports this module when the class is defined, with
+        # no request. Started by the first request instead, it never would before it.
+        deadline = time.monotonic() + 60
+        while "zygote-import" not in recorded():
+            self.assertLess(time.monotonic(), deadline, "the zygote did not import the module early")
+            time.sleep(0.02)
+        self._spawn_processes()
+
+    def test_a(self):
+        record(f"a-{self.rank}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+
+    def test_b(self):
+        record(f"b-{self.rank}", imported_in=IMPORTED_IN, pid=os.getpid(), ppid=os.getppid())
+"""
+
+
+def test_a_testing_class_run_by_unittest_warms_the_zygote_when_defined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("RECORD_DIR", str(records))
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    (tmp_path / "test_unittest_early.py").write_text(UNITTEST_EARLY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "FASTSPAWN_"))}
+    env.update(RECORD_DIR=str(records), PYTHONUNBUFFERED="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "unittest", "-v", "test_unittest_early"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Ran 2 tests" in out.stderr and "fresh interpreter" not in out.stderr
+    seen = recorded()
+    zygote = seen.pop("zygote-import")
+    assert sorted(seen) == ["a-0", "a-1", "b-0", "b-1"]
+    for data in seen.values():  # forks of the zygote that imported the module early
+        assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]
+    assert still_running([zygote["pid"]] + [data["pid"] for data in seen.values()]) == []
+
+
+def test_a_testing_class_collected_by_pytest_is_imported_by_the_zygote_meanwhile(suite: pytest.Pytester) -> None:
+    suite.makeini(INNER_INI + "    ignore:Fail to import hypothesis:ImportWarning\n")  # torch's test utilities
+    suite.makepyfile(test_unittest_early=UNITTEST_EARLY)
+    run(suite).assert_outcomes(passed=2)
+    seen = recorded()
+    zygote = seen.pop("zygote-import")
+    assert sorted(seen) == ["a-0", "a-1", "b-0", "b-1"]
+    for data in seen.values():  # forks of the zygote that imported the module early
+        assert data["imported_in"] == zygote["pid"] and data["ppid"] == zygote["ppid"]
+
+
+KILLER = """
+import os, sys
+from recorder import record
+
+_zygote = sys.modules.get("fastspawn._zygote")
+if _zygote is not None and _zygote.in_zygote_tree():  # preloaded by a zygote: it dies starting
+    record(f"zygote-start-{os.getpid()}", pid=os.getpid())
+    os._exit(3)
+"""
+
+
+def test_a_zygote_that_dies_starting_early_is_not_started_again(suite: pytest.Pytester) -> None:
+    suite.makeconftest("import fastspawn\nfastspawn.preload(['zygote_killer'])\n")
+    suite.makepyfile(zygote_killer=KILLER)
+    # In a directory of its own: pytest's import of it adds to sys.path after the early start.
+    suite.mkdir("sub")
+    (suite.path / "sub" / "test_killed.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('i', range(2))\n@pytest.mark.spawn(nprocs=2)\n"
+        "def test_in_fresh_interpreters(rank, i):\n    pass\n"
+    )
+    result = run(suite)
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert out.count("starting each child in a fresh interpreter instead") == 1, out
+    result.stdout.fnmatch_lines(["*fastspawn: the zygote (pid *) died while starting up (exit code 3)*"])
+    assert len(recorded()) == 1  # one zygote tried, during collection; the first test's call did not retry
+
+
+def test_visible_devices_come_from_the_environment_or_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastspawn import pytest_plugin
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 1,GPU-5d1e,-1,2")  # CUDA stops at -1
+    assert pytest_plugin.visible_devices() == ["3", "1", "GPU-5d1e"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert pytest_plugin.visible_devices() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    for bus in ("0000:01:00.0", "0000:41:00.0", "0000:81:00.0"):
+        (gpus / bus).mkdir()
+    monkeypatch.setattr(pytest_plugin, "_GPUS_DIR", str(gpus))
+    assert pytest_plugin.visible_devices() == ["0", "1", "2"]
+    monkeypatch.setattr(pytest_plugin, "_GPUS_DIR", str(tmp_path / "no-driver"))
+    assert pytest_plugin.visible_devices() == []
+
+
+@pytest.mark.parametrize(
+    "worker, count, share",
+    [("gw0", "3", ["a", "b"]), ("gw1", "3", ["c"]), ("gw2", "3", ["d"]), ("", "", ["a", "b", "c", "d"])],
+)
+def test_xdist_workers_share_devices_in_contiguous_disjoint_parts(
+    monkeypatch: pytest.MonkeyPatch, worker: str, count: str, share: Any
+) -> None:
+    from fastspawn import pytest_plugin
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
+    assert pytest_plugin._worker_share(["a", "b", "c", "d"])[0] == share

@@ -22,7 +22,7 @@ from multiprocessing import spawn as mp_spawn
 from multiprocessing.util import _flush_std_streams as flush_std_streams  # type: ignore[attr-defined]
 from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple
 
-from . import _child, _core, _payload, _zygote
+from . import _child, _core, _payload, _prewarm, _zygote
 from ._errors import UNKNOWN_STATUS_TEXT, ProcessExitedException, ProcessRaisedException, UnknownExitStatus
 
 __all__ = ["ENV_VAR_PARALLEL_START", "ProcessContext", "SpawnContext", "start_processes", "spawn"]
@@ -75,25 +75,54 @@ class _Zygotes:
         self.current: Optional[_zygote.Zygote] = None
         self.preload: List[str] = []
         self.warned: Set[Tuple[Any, str]] = set()
+        self.failed_early: Optional[Tuple[Tuple[Any, ...], str]] = None  # a background start's key, why
 
-    def get(self, preparation: Dict[str, Any]) -> Optional[_zygote.Zygote]:
+    def get(self, preparation: Dict[str, Any], background: bool = False) -> Optional[_zygote.Zygote]:
+        """The zygote for a call with ``preparation``, started or replaced as needed; None
+        to start fresh interpreters instead (warned once). ``background``: for
+        fastspawn._prewarm, which never warns (the first call does), and whose zygote
+        follows the caller's ``sys.path`` as it grows (see _zygote.still_serves)."""
+        warn = not background
+        if not background:
+            # What is being warmed in the background (test modules) comes first: the
+            # call then finds it imported. Bounded: each of its waits on the zygote is.
+            _prewarm.wait(2 * _zygote.zygote_timeout())
         key = _zygote.staleness_key(preparation, self.preload)
         with self.lock:
             zygote = self.current
-            if zygote is not None and (zygote.key != key or not zygote.alive()):
+            serves = zygote is not None and _zygote.still_serves(zygote.key, key, zygote.follows_path)
+            if zygote is not None and serves and _zygote.given_up_reason(zygote.key) is not None:
+                # Stuck in a background import (fastspawn._prewarm): as if stuck starting.
+                if warn:
+                    self.fallback_warning(zygote.key, str(_zygote.given_up_reason(zygote.key)))
+                return None
+            if zygote is not None and (not serves or not zygote.alive()):
                 log.debug("fastspawn: replacing zygote pid %d (stale or gone)", zygote.pid)
                 self.current = None
                 zygote.close()
                 zygote = None
+            if zygote is None and self.failed_early is not None and _zygote.still_serves(self.failed_early[0], key, True):
+                if warn:  # the background start failed: as if this call's had (no retry)
+                    self.fallback_warning(*self.failed_early)
+                return None
             if zygote is None:
                 try:
                     zygote = _zygote.Zygote(key, preparation, self.preload, _use_pidfd())
+                    zygote.follows_path = background
                 except _zygote.ZygoteError as exc:
-                    self.fallback_warning(key, str(exc).replace("fastspawn: ", ""))
+                    reason = str(exc).replace("fastspawn: ", "")
+                    if background:
+                        self.failed_early = (key, reason)
+                    else:
+                        self.fallback_warning(key, reason)
                     return None
                 self.current = zygote
+            if not warn:
+                return zygote if zygote.unfit is None else None
+            while zygote.notices:
+                warnings.warn(zygote.notices.pop(0), RuntimeWarning, stacklevel=3)
             if zygote.unfit is not None:
-                self.fallback_warning(key, zygote.unfit)
+                self.fallback_warning(zygote.key, zygote.unfit)
                 return None
             return zygote
 
@@ -763,6 +792,7 @@ def _launch(
     run: Optional[_Run] = None
     try:  # whatever is started is stopped if anything fails (Ctrl-C included) before we return
         if start_method == "fork":
+            _prewarm.wait(2 * _zygote.zygote_timeout())  # its thread ends: not forked mid-import
             _warn_of_fork_with_threads(parent_pid, nprocs)
             run = _Run(nprocs, daemon)
             for spec in specs:

@@ -113,6 +113,16 @@ def _install_from_session() -> None:
 _install_from_session()
 
 
+def prefetch(modules: Mapping[str, str], path_entries: Sequence[str], prepend: bool) -> None:
+    """In the zygote, while pytest collects: import test modules (name -> file) with
+    assertion rewriting, as pytest is importing them, ``sys.path`` as pytest's import
+    mode will have made it (see fastspawn._prewarm.import_modules)."""
+    from fastspawn._prewarm import import_modules
+
+    _finder().update(modules)
+    import_modules(list(modules), path_entries, prepend)
+
+
 def _rewritten_here(module: Any) -> bool:
     return isinstance(getattr(module, "__loader__", None), _RewritingLoader)
 
@@ -159,6 +169,7 @@ class Job(NamedTuple):
     stacks: Sequence[Any]  # fastspawn.testing.RankFile by rank: where stacks are dumped
     warning_filters: List[Tuple[Any, ...]]  # the pytest process's filters during the call
     report: Dict[str, Any]  # how to format a failure (see plugin._report_options)
+    devices: Optional[List[str]] = None  # by rank: its CUDA_VISIBLE_DEVICES (devices_per_rank)
 
 
 def result_path(outdir: str, rank: int) -> str:
@@ -188,6 +199,8 @@ class RankMain:
             MASTER_ADDR=job.master_addr,
             MASTER_PORT=str(job.master_port),
         )
+        if job.devices is not None:  # read by CUDA at its initialisation, which is later
+            os.environ["CUDA_VISIBLE_DEVICES"] = job.devices[rank]
         for other, stacks in enumerate(job.stacks):
             if other != rank:
                 stacks.close()

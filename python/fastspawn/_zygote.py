@@ -17,6 +17,9 @@ The protocol always answers:
   was is unknown (then it announces itself or its pipe closes). A call of at least
   ``_SPLIT_AT`` ranks has a helper child fork half of them; it reports its pids (or why a
   fork failed) to the zygote over a socketpair made for that request;
+* a request ``{"id": k, "op": "prefetch", "payload": pickle of (fn, args), ...}`` (see
+  fastspawn._prewarm) runs ``fn(*args)`` in the caller's context, to import what coming
+  calls need, and gets one reply ``{"id": k, "pids": [], "error"?: str, "unfit": ...}``;
 * the caller bounds every wait on the zygote (start-up and each reply) by
   :func:`zygote_timeout` seconds. Past it, or on any exception mid-request, that zygote is
   retired (SIGKILL, reaped) and what the request started is stopped; a zygote stuck in its
@@ -40,7 +43,6 @@ import struct
 import sys
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Dict, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
@@ -374,6 +376,11 @@ class _State:
 _state = _State()
 
 
+def in_zygote_tree() -> bool:
+    """True in a zygote, and in the processes it forked."""
+    return _state.stack_fd >= 0
+
+
 def _settle() -> None:
     """After the zygote imported something: its fitness, and its exit finalizers off."""
     _state.unfit = _health()
@@ -452,6 +459,23 @@ def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, o
         return reply
     finally:
         _close_all([fd for fd in (ours, theirs) if fd >= 0])
+
+
+def _serve_prefetch(request: Dict[str, Any]) -> Dict[str, Any]:
+    """Run the request's call (it imports what the caller will need, e.g. a test module)
+    in the caller's context, ahead of any spawn request; the reply says whether it failed
+    and whether the zygote is still fit to fork."""
+    _apply(request["context"])
+    reply: Dict[str, Any] = {"pids": []}
+    try:
+        fn, args = pickle.loads(request["payload"])
+        fn(*args)
+    except BaseException:
+        reply["error"] = _format_exc()
+    finally:
+        _settle()
+    reply["unfit"] = _state.unfit
+    return reply
 
 
 def _helper_report(reply: Dict[str, Any], report: socket.socket, ranks: range) -> None:
@@ -559,6 +583,8 @@ def main() -> None:
                 }
             elif request.get("op") == "spawn":
                 reply = _serve_spawn(request, fds, sock, owner)
+            elif request.get("op") == "prefetch":
+                reply = _serve_prefetch(request)
             else:
                 reply = {"pids": [0] * n, "error": f"unknown request {request.get('op')!r}"}
         except BaseException:
@@ -604,8 +630,29 @@ def staleness_key(preparation: Dict[str, Any], preload: Sequence[str]) -> Tuple[
     return (_main_file(preparation), tuple(preparation.get("sys_path", ())), tuple(preload))
 
 
+def still_serves(started: Tuple[Any, ...], now: Tuple[Any, ...], path_may_grow: bool) -> bool:
+    """Whether a zygote started under staleness key ``started`` serves a call made under
+    ``now``: the same key; or, with ``path_may_grow`` (a zygote started ahead of its first
+    call, see fastspawn._prewarm), the same main file and preload list
+    and a ``sys.path`` that only gained entries (every entry of the zygote's, in order,
+    is still there). That is how a test session's path grows as pytest collects: the
+    zygote follows it as the pytest process did (each request applies the current path
+    before importing anything)."""
+    if started == now:
+        return True
+    if not path_may_grow or (started[0], started[2]) != (now[0], now[2]):
+        return False
+    remaining = iter(now[1])
+    return all(any(entry == later for later in remaining) for entry in started[1])
+
+
 # Staleness keys whose zygote got stuck or crashed: this process starts no other for them.
 _given_up: Dict[Tuple[Any, ...], str] = {}
+
+
+def given_up_reason(key: Tuple[Any, ...]) -> Optional[str]:
+    """Why the zygote of ``key`` was given up (stuck or crashed), or None."""
+    return _given_up.get(key)
 
 
 def _innermost(dump: str) -> str:
@@ -639,6 +686,7 @@ class Zygote:
         self.pid = -1
         self.unfit: Optional[str] = None
         self.retired = False
+        self.follows_path = False  # see still_serves
         self._sent: Optional[Tuple[Any, ...]] = None  # the context the zygote has (see _context)
         self._ids = itertools.count(1)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -681,9 +729,12 @@ class Zygote:
             self.unfit = f"the main module cannot be imported in the zygote ({last})"
         elif status.get("unfit"):
             self.unfit = status["unfit"]
+        # Warned by the first call that uses this zygote (see _api._Zygotes.get), not
+        # here: a zygote started in the background must not warn from its thread.
+        self.notices: List[str] = []
         for module, error in status.get("preload_errors", {}).items():
             last = error.strip().splitlines()[-1]
-            warnings.warn(f"fastspawn: preloading {module!r} in the zygote failed: {last}", RuntimeWarning, stacklevel=4)
+            self.notices.append(f"fastspawn: preloading {module!r} in the zygote failed: {last}")
         _debug("fastspawn: zygote pid %d started (fit: %s)", self.pid, self.unfit is None)
 
     def _reply(self, request_id: int, deadline: float) -> Dict[str, Any]:
@@ -860,6 +911,42 @@ class Zygote:
                 finally:
                     group.stop(0.0)
                 raise
+
+    def prefetch(self, fn: Any, args: Tuple[Any, ...]) -> Optional[str]:
+        """Have the zygote run ``fn(*args)`` (picklable by reference: it imports modules
+        the coming calls need) in this process's current context. Returns None, or why it
+        failed (its traceback; or the zygote was given up: then it is retired, and the
+        next call falls back and warns as a failed start-up does). Never warns."""
+        request: Dict[str, Any] = {"op": "prefetch", "n": 0, "payload": pickle.dumps((fn, tuple(args)), pickle.HIGHEST_PROTOCOL)}
+        timeout = zygote_timeout()
+        with self.lock:
+            if self.retired:
+                return f"the zygote (pid {self.pid}) was retired by a failed call"
+            request_id = request["id"] = next(self._ids)
+            request["context"], sent = self._context()
+            deadline = time.monotonic() + timeout
+            try:
+                _send(self.sock, request, (), deadline)
+                reply = self._reply(request_id, deadline)
+            except BaseException as exc:
+                reason = None
+                try:
+                    if isinstance(exc, _TIMED_OUT):
+                        reason = self._stuck(f"did not finish importing within {timeout:g} s", "its import is stuck at")
+                        _given_up[self.key] = reason
+                    elif isinstance(exc, (OSError, EOFError)):
+                        reason = f"the zygote (pid {self.pid}) died while importing ({exc!r})"
+                finally:
+                    self._retire()
+                    self.group.stop(0.0)  # idle but for the import: nothing else in its group
+                if reason is None:
+                    raise
+                return reason
+            self._sent = sent
+        if reply.get("unfit") and self.unfit is None:
+            self.unfit = str(reply["unfit"])
+        error = reply.get("error")
+        return None if error is None else str(error)
 
     def _take(self, group: Any, n: int, reply: Dict[str, Any]) -> Optional[str]:
         """Adopt what the reply says was forked (and stop it all if the call failed)."""

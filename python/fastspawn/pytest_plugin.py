@@ -1,9 +1,12 @@
 """pytest plugin (entry point ``pytest11``): run a test body in N processes with fastspawn.
 
-``@pytest.mark.spawn(nprocs=2, timeout=None, start_method="spawn")`` runs the test in
-``nprocs`` ranks forked from fastspawn's warm zygote; fixtures ``rank``, ``world_size``,
-``init_method`` and ``spawn``; options ``--spawn-timeout`` (ini ``spawn_timeout``) and
-``--fastspawn-patch-torch`` (ini ``fastspawn_patch_torch``).
+``@pytest.mark.spawn(nprocs=2, timeout=None, start_method="spawn", devices_per_rank=None)``
+runs the test in ``nprocs`` ranks forked from fastspawn's warm zygote (a list of sizes: one
+test per size; ``devices_per_rank``: each rank's own ``CUDA_VISIBLE_DEVICES``); fixtures
+``rank``, ``world_size``, ``init_method`` and ``spawn``; options ``--spawn-timeout`` (ini
+``spawn_timeout``), ini ``spawn_devices_per_rank`` and ``--fastspawn-patch-torch`` (ini
+``fastspawn_patch_torch``). The zygote starts, and imports the test modules that need
+ranks, while pytest collects them (see fastspawn._prewarm).
 
 pytest imports this module in every run of every project that has fastspawn installed, so
 it imports nothing of fastspawn (nor torch) until a test uses it.
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
 import pytest
@@ -41,10 +46,14 @@ _SETTLE_SECONDS = 5.0
 _STOP_GRACE_SECONDS = 5.0
 
 _MARKER_HELP = (
-    "spawn(nprocs=2, timeout=None, start_method='spawn'): run the test body in nprocs "
-    "processes started by fastspawn (fixtures rank, world_size, init_method; env RANK, "
-    "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+    "spawn(nprocs=2, timeout=None, start_method='spawn', devices_per_rank=None): run the "
+    "test body in nprocs processes started by fastspawn (a list of sizes: one test per "
+    "size); devices_per_rank: CUDA devices of each rank's own, in CUDA_VISIBLE_DEVICES "
+    "(fixtures rank, world_size, init_method; env RANK, WORLD_SIZE, LOCAL_RANK, "
+    "MASTER_ADDR, MASTER_PORT)"
 )
+# The pseudo-argument by which a list of sizes parametrizes a test (ids "nprocs=N").
+_NPROCS_PARAM = "_fastspawn_nprocs"
 
 
 # ----------------------------------------------------------------- options, marker
@@ -60,6 +69,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "dumped and the ranks killed (the marker's timeout= wins; 0: no timeout).",
     )
     parser.addini("spawn_timeout", "Default of --spawn-timeout.", default=None)
+    parser.addini(
+        "spawn_devices_per_rank",
+        "Default devices_per_rank of @pytest.mark.spawn: CUDA devices each rank gets to "
+        "itself (CUDA_VISIBLE_DEVICES); 0: no assignment.",
+        default=None,
+    )
     group.addoption(
         "--fastspawn-patch-torch",
         dest="fastspawn_patch_torch",
@@ -73,9 +88,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from fastspawn import _prewarm
+
     config.addinivalue_line("markers", _MARKER_HELP)
     state = _Session()
     config.stash[_SESSION] = state
+    _prewarm.plugin_sessions += 1  # test classes are warmed for by module, below
+    state.counted = True
     if config.getoption("fastspawn_patch_torch") or config.getini("fastspawn_patch_torch"):
         from fastspawn._patch import patch_torch
 
@@ -92,12 +111,74 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    state = _session(session.config)
     if any(_uses_ranks(item) for item in session.items):
-        _session(session.config).activate()
+        state.activate()
+        return
+    state.deactivate()  # activated early for a module whose tests were all deselected
+    if state.hinted and not any(_is_rank_test_case(item) for item in session.items):
+        from fastspawn import _prewarm, _zygote
+
+        _prewarm.discard(2 * _zygote.zygote_timeout())  # no test will need the zygote
 
 
 def _uses_ranks(item: pytest.Item) -> bool:
     return item.get_closest_marker("spawn") is not None or "spawn" in getattr(item, "fixturenames", ())
+
+
+def _is_rank_test_case(item: pytest.Item) -> bool:
+    """Whether ``item`` is a test of a fastspawn.testing class (it starts its own ranks)."""
+    from fastspawn import _prewarm
+
+    return getattr(item, "cls", None) in _prewarm.rank_classes
+
+
+# ------------------------------------------------------ early start, while collecting
+# What marks a test module as one that needs ranks, read from its source before pytest
+# imports it: the marker, a function taking the `spawn` fixture, or fastspawn.testing.
+_MARKED = re.compile(rb"\bmark\.spawn\b|\bdef\s+\w+\s*\((?:[^)]*,)?\s*spawn\s*[,):]")
+_TESTING = re.compile(rb"\bfastspawn\.testing\b|\bfrom\s+fastspawn\s+import\s[^\n]*\btesting\b")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> Generator[None, Any, None]:
+    _session(parent.config).module_found(module_path, parent.config)
+    yield
+
+
+def _module_name(path: Path, config: pytest.Config) -> Optional[Tuple[str, str, bool]]:
+    """The name pytest will import the test file ``path`` as, the ``sys.path`` entry it
+    adds for it, and whether it prepends it; None when its import mode is not one of
+    those (importlib) or the name cannot be told."""
+    mode = config.getoption("importmode", "prepend")
+    mode = str(getattr(mode, "value", mode))
+    if mode not in ("prepend", "append"):
+        return None
+    try:
+        from _pytest.pathlib import resolve_package_path
+    except ImportError:
+        return None
+    try:
+        from _pytest.pathlib import CouldNotResolvePathError, resolve_pkg_root_and_module_name
+    except ImportError:  # pytest < 8.1: packages are the directories with __init__.py
+        package = resolve_package_path(path)
+        if package is None:
+            return path.stem, str(path.parent), mode == "prepend"
+        names = list(path.with_suffix("").relative_to(package.parent).parts)
+        if names[-1] == "__init__":
+            names.pop()
+        return ".".join(names), str(package.parent), mode == "prepend"
+    try:
+        namespaces = bool(config.getini("consider_namespace_packages"))
+    except ValueError:
+        namespaces = False
+    try:
+        root, name = resolve_pkg_root_and_module_name(path, consider_namespace_packages=namespaces)
+    except CouldNotResolvePathError:
+        root, name = path.parent, path.stem
+    except Exception:
+        return None
+    return name, str(root), mode == "prepend"
 
 
 class _Session:
@@ -112,6 +193,8 @@ class _Session:
         self._rewrite: Dict[str, str] = {}
         self._rewrite_seen = -1
         self._report_options: Optional[Dict[str, Any]] = None
+        self.counted = False  # in _prewarm.plugin_sessions
+        self.hinted = False  # a test module was hinted to fastspawn._prewarm
 
     def directory(self) -> str:
         """This session's temporary directory (init_method files, rank results)."""
@@ -139,6 +222,42 @@ class _Session:
             _api.preload([rank_module, *self._saved_preload])
         self.active = True
 
+    def module_found(self, path: Path, config: pytest.Config) -> None:
+        """pytest is about to import the test module ``path``: if it needs ranks, the
+        zygote starts (in the background) and imports it too, meanwhile."""
+        if getattr(config.option, "collectonly", False):
+            return
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError:
+            return
+        marked = _MARKED.search(source) is not None
+        if not marked and _TESTING.search(source) is None:
+            return
+        from fastspawn import _prewarm
+
+        if not _prewarm.zygote_wanted():
+            return
+        where = _module_name(path, config)
+        if marked:
+            # Ranks of marked tests need the session's zygote: preloads, rewriting.
+            self.activate()
+            if where is None:
+                queued = _prewarm.hint("start", _prewarm.nothing, ())
+            else:
+                from fastspawn import _pytest_rank
+
+                name, entry, prepend = where
+                args = ({name: str(path)}, [entry], prepend)
+                queued = _prewarm.hint(f"module:{name}", _pytest_rank.prefetch, args)
+        elif where is None:
+            queued = _prewarm.hint("start", _prewarm.nothing, ())
+        else:  # fastspawn.testing classes: their ranks import the module plainly
+            name, entry, prepend = where
+            queued = _prewarm.hint(f"module:{name}", _prewarm.import_modules, ([name], [entry], prepend))
+        self.hinted = self.hinted or queued
+
     def report_options(self, config: pytest.Config) -> Dict[str, Any]:
         """How ranks format failures (see _report_options), computed once."""
         if self._report_options is None:
@@ -162,7 +281,8 @@ class _Session:
                     self._rewrite[name] = path
         return self._rewrite
 
-    def close(self) -> None:
+    def deactivate(self) -> None:
+        """Undo :meth:`activate`."""
         if self.active:
             from fastspawn import _api
 
@@ -172,6 +292,18 @@ class _Session:
                 os.environ[_SESSION_ENV] = self._saved_env
             _api.preload(self._saved_preload or [])
             self.active = False
+
+    def close(self) -> None:
+        if self.hinted:
+            from fastspawn import _prewarm, _zygote
+
+            _prewarm.wait(2 * _zygote.zygote_timeout())  # bounded: each of its waits is
+        if self.counted:
+            from fastspawn import _prewarm
+
+            _prewarm.plugin_sessions -= 1
+            self.counted = False
+        self.deactivate()
         if self.torch_patch is not None:
             self.torch_patch.__exit__(None, None, None)
             self.torch_patch = None
@@ -200,20 +332,68 @@ class SpawnOptions(NamedTuple):
     nprocs: int
     timeout: Optional[float]
     start_method: str
+    devices_per_rank: Optional[int] = None
 
 
-def _marker_arguments(nprocs: int = 2, timeout: Optional[float] = None, start_method: str = "spawn") -> SpawnOptions:
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _marker_arguments(
+    nprocs: Any = 2, timeout: Optional[float] = None, start_method: str = "spawn", devices_per_rank: Optional[int] = None
+) -> SpawnOptions:
+    if isinstance(nprocs, (list, tuple)):
+        _world_sizes(nprocs)
+    elif not _is_count(nprocs) or nprocs < 1:
+        raise ValueError(f"nprocs must be an int >= 1 (or a list of them), got {nprocs!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {', '.join(map(repr, START_METHODS))}, got {start_method!r}")
-    return SpawnOptions(nprocs, None if timeout is None else float(timeout), start_method)
+    if devices_per_rank is not None and (not _is_count(devices_per_rank) or devices_per_rank < 0):
+        raise ValueError(f"devices_per_rank must be None or an int >= 0, got {devices_per_rank!r}")
+    return SpawnOptions(nprocs, None if timeout is None else float(timeout), start_method, devices_per_rank)
+
+
+def _world_sizes(sizes: Sequence[Any]) -> List[int]:
+    """A marker's list of sizes, checked: a non-empty list of ints >= 1."""
+    if not sizes:
+        raise ValueError("nprocs is an empty list: give at least one world size")
+    bad = [size for size in sizes if not _is_count(size) or size < 1]
+    if bad:
+        raise ValueError(f"nprocs list must hold ints >= 1, got {bad[0]!r} in {list(sizes)!r}")
+    return list(sizes)
+
+
+def _nprocs_argument(marker: pytest.Mark) -> Any:
+    if "nprocs" in marker.kwargs:
+        return marker.kwargs["nprocs"]
+    return marker.args[0] if marker.args else 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``nprocs=[1, 2, 4]``: one test per size, ids ``nprocs=N`` (first among the ids)."""
+    marker = metafunc.definition.get_closest_marker("spawn")
+    if marker is None:
+        return
+    nprocs = _nprocs_argument(marker)
+    if not isinstance(nprocs, (list, tuple)):
+        return
+    try:
+        sizes = _world_sizes(nprocs)
+        problem = None
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is not None:  # the test module fails to collect, saying why
+        pytest.fail(f"invalid @pytest.mark.spawn arguments: {problem}", pytrace=False)
+    metafunc.fixturenames.append(_NPROCS_PARAM)
+    metafunc.parametrize(_NPROCS_PARAM, sizes, ids=[f"nprocs={size}" for size in sizes])
 
 
 def spawn_options(item: pytest.Item) -> Optional[SpawnOptions]:
-    """The item's ``spawn`` marker arguments (timeout defaulted from the options), or None."""
+    """The item's ``spawn`` marker arguments (timeout and devices defaulted from the
+    options; a list of sizes resolved to this item's), or None."""
     marker = item.get_closest_marker("spawn")
     if marker is None:
         return None
@@ -221,11 +401,102 @@ def spawn_options(item: pytest.Item) -> Optional[SpawnOptions]:
         options = _marker_arguments(*marker.args, **marker.kwargs)
     except (TypeError, ValueError) as exc:
         pytest.fail(f"invalid @pytest.mark.spawn arguments: {exc}", pytrace=False)
+    if not _is_count(options.nprocs):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        options = options._replace(nprocs=params[_NPROCS_PARAM])
     if options.timeout is None:
         options = options._replace(timeout=default_timeout(item.config))
     if not options.timeout:
         options = options._replace(timeout=None)
+    if options.devices_per_rank is None:
+        options = options._replace(devices_per_rank=default_devices_per_rank(item.config))
     return options
+
+
+def default_devices_per_rank(config: pytest.Config) -> int:
+    """Ini ``spawn_devices_per_rank``, else 0 (no devices assigned)."""
+    text = config.getini("spawn_devices_per_rank")
+    if text in (None, ""):
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise pytest.UsageError(f"spawn_devices_per_rank must be an int >= 0, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------ devices per rank
+_GPUS_DIR = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees
+
+
+def visible_devices() -> List[str]:
+    """The CUDA devices this process may use, without initialising CUDA: the entries of
+    ``CUDA_VISIBLE_DEVICES`` when set (up to the first empty or negative one, where
+    CUDA stops reading it), else ``0..n-1`` for the n GPUs of the NVIDIA driver."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        devices = []
+        for entry in listed.split(","):
+            entry = entry.strip()
+            if not entry or entry.startswith("-"):
+                break
+            devices.append(entry)
+        return devices
+    try:
+        count = len(os.listdir(_GPUS_DIR))
+    except OSError:
+        count = 0
+    return [str(i) for i in range(count)]
+
+
+def _worker_share(devices: List[str]) -> Tuple[List[str], str]:
+    """This pytest-xdist worker's part of ``devices`` (contiguous, disjoint from the other
+    workers'), and how to name it in a skip reason; all of them outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", ""))
+        index = int(worker[2:]) if worker.startswith("gw") else -1
+    except ValueError:
+        return devices, ""
+    if count < 2 or not 0 <= index < count:
+        return devices, ""
+    each, extra = divmod(len(devices), count)
+    start = index * each + min(index, extra)
+    share = devices[start : start + each + (1 if index < extra else 0)]
+    return share, f" to xdist worker {worker} (of {count}, sharing {len(devices)})"
+
+
+def _rank_devices(options: SpawnOptions) -> Tuple[Optional[List[str]], Optional[str]]:
+    """Each rank's ``CUDA_VISIBLE_DEVICES`` (None when no devices are asked for), or why
+    the test must be skipped (too few devices)."""
+    per_rank = options.devices_per_rank or 0
+    if not per_rank:
+        return None, None
+    devices, where = _worker_share(visible_devices())
+    needed = per_rank * options.nprocs
+    if needed > len(devices):
+        reason = (
+            f"needs {needed} CUDA device(s) (nprocs={options.nprocs} x devices_per_rank={per_rank}), "
+            f"{len(devices)} available{where}"
+        )
+        return None, reason
+    return [",".join(devices[rank * per_rank : (rank + 1) * per_rank]) for rank in range(options.nprocs)], None
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Tests that ask for more devices than there are are skipped before any setup."""
+    for item in items:
+        if item.get_closest_marker("spawn") is None:
+            continue
+        try:
+            options = spawn_options(item)
+        except pytest.fail.Exception:
+            continue  # reported when the test runs
+        too_few = None if options is None else _rank_devices(options)[1]
+        if too_few is not None:
+            item.add_marker(pytest.mark.skip(reason=too_few))
 
 
 def default_timeout(config: pytest.Config) -> Optional[float]:
@@ -354,6 +625,9 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
     from fastspawn import _pytest_rank as ranks
     from fastspawn.testing import RankFiles
 
+    devices, too_few = _rank_devices(options)
+    if too_few is not None:  # the devices changed since collection
+        pytest.skip(too_few)
     state = _session(item.config)
     state.activate()
     outdir = tempfile.mkdtemp(prefix="test-", dir=state.directory())
@@ -371,6 +645,7 @@ def _run_in_ranks(item: pytest.Function, options: SpawnOptions) -> None:
             stacks=stacks.for_ranks(),
             warning_filters=_warning_filters(),
             report=state.report_options(item.config),
+            devices=devices,
         )
         main = ranks.RankMain(item.module.__name__, state.rewrite_map())
         context = _start(item, main, job, options)

@@ -433,6 +433,12 @@ class _MultiProcessTestCaseBase(unittest.TestCase):
     special_return_code_checks: Dict[Any, int]
     skip_return_code_checks: List[Any]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from fastspawn import _prewarm
+
+        _prewarm.class_defined(cls)  # the zygote warms up (and imports the class's module) meanwhile
+
     def _should_stop_test_suite(self) -> bool:
         return False  # one failing distributed test does not end the run
 
