@@ -81,6 +81,17 @@ FASTSPAWN_BASE = "from fastspawn.testing import MultiProcessTestCase"
 
 # What only fastspawn's class does, in a module that needs no torch (it is run with
 # torch hidden). Ranks append a JSON line per run to RANK_LOG.
+# Two ranks started in setUp, as most classes of the inner suites below.
+TWO_SPAWNED_RANKS = """\
+    @property
+    def world_size(self):
+        return 2
+
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+"""
+
 BEHAVIOURS = """
 import json
 import multiprocessing
@@ -203,13 +214,7 @@ class ForkedRanks(MultiProcessTestCase):
 
 
 class EntryFails(MultiProcessTestCase):
-    @property
-    def world_size(self):
-        return 2
-
-    def setUp(self):
-        super().setUp()
-        self._spawn_processes()
+TWO_SPAWNED_RANKS
 
     @classmethod
     def _run(cls, rank, test_name, file_name, parent_pipe, **kwargs):
@@ -228,7 +233,7 @@ class UnknownStart(MultiProcessTestCase):
 
     def test_never_runs(self):
         pass
-"""
+""".replace("TWO_SPAWNED_RANKS\n", TWO_SPAWNED_RANKS)
 
 
 def run_pytest(
@@ -284,13 +289,7 @@ def log(kind, rank):
 
 
 class PerTest(MultiProcessTestCase):
-    @property
-    def world_size(self):
-        return 2
-
-    def setUp(self):
-        super().setUp()
-        self._spawn_processes()
+TWO_SPAWNED_RANKS
 
     def test_per_test(self):
         log("per-test", self.rank)
@@ -305,7 +304,7 @@ class PerClass(MultiProcContinuousTest):
 
     def test_per_class(self):
         log("per-class", self.rank)
-"""
+""".replace("TWO_SPAWNED_RANKS\n", TWO_SPAWNED_RANKS)
 
 
 def test_ranks_in_fresh_interpreters_when_the_zygote_is_given_up(tmp_path):
