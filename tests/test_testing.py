@@ -308,13 +308,17 @@ class PerClass(MultiProcContinuousTest):
 
 
 def test_ranks_in_fresh_interpreters_when_the_zygote_is_given_up(tmp_path):
-    """The zygote does not start in time (FASTSPAWN_ZYGOTE_TIMEOUT): each rank is a fresh
-    interpreter that imports the test module, defining the classes again; that must not
-    start a zygote of its own (it did: a rank started one, or failed with exit code 1
+    """The zygote is unfit (a preloaded module leaves a thread running): each rank is a
+    fresh interpreter that imports the test module, defining the classes again; that must
+    not start a zygote of its own (it did: a rank started one, or failed with exit code 1
     when multiprocessing refused a process start during its bootstrap)."""
     (tmp_path / "test_fresh.py").write_text(FRESH_RANKS)
+    (tmp_path / "threads_here.py").write_text(
+        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    )
+    (tmp_path / "conftest.py").write_text("import fastspawn\nfastspawn.preload(['threads_here'])\n")
     rank_log = tmp_path / "ranks.log"
-    outcomes = run_pytest(tmp_path, {"RANK_LOG": str(rank_log), "FASTSPAWN_ZYGOTE_TIMEOUT": "0.05"})
+    outcomes = run_pytest(tmp_path, {"RANK_LOG": str(rank_log)})
     assert outcomes == {"test_fresh::test_per_test": ("passed", ""), "test_fresh::test_per_class": ("passed", "")}
     seen = sorted((r["kind"], r["rank"], r["fresh"], tuple(r["hinted"])) for r in read_log(rank_log))
     assert seen == [("per-class", 0, True, ()), ("per-class", 1, True, ()), ("per-test", 0, True, ()), ("per-test", 1, True, ())]
