@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from launcher_bench import launcher  # noqa: E402
 from spawn_bench import fmt_x, loadavg, log, machine_info, table, write_atomic  # noqa: E402
 
 SCRIPT = '''\
@@ -76,15 +77,6 @@ LABELS = {
     "torchrun": "2 × `torchrun --nnodes 2 --rdzv-backend c10d ... script.py`",
 }
 DEADLINE = 300.0  # seconds a run may take before it counts as failed
-
-
-def launcher(contender: str) -> List[str]:
-    bindir = Path(sys.executable).parent
-    if contender == "fastspawn":
-        exe = bindir / "fastspawn"
-        return [str(exe)] if exe.exists() else [sys.executable, "-m", "fastspawn"]
-    exe = bindir / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run_once(contender: str, scenario: str, nprocs: int, script: Path, pycache: Path) -> Dict[str, Any]:

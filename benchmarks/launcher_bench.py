@@ -89,17 +89,21 @@ LABELS = {
 }
 
 
+def launcher(name: str) -> List[str]:
+    """The command that runs launcher ``name`` ("fastspawn" or "torchrun") of this Python:
+    its console script next to the interpreter, else ``python -m``."""
+    script = Path(sys.executable).parent / name
+    module = {"fastspawn": "fastspawn", "torchrun": "torch.distributed.run"}[name]
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
 def command(contender: str, nprocs: int, scripts: Dict[str, Path]) -> List[str]:
-    bindir = Path(sys.executable).parent
-    fastspawn = [str(bindir / "fastspawn")] if (bindir / "fastspawn").exists() else [sys.executable, "-m", "fastspawn"]
     if contender == "fastspawn":
-        return [*fastspawn, "-n", str(nprocs), str(scripts["torch"])]
+        return [*launcher("fastspawn"), "-n", str(nprocs), str(scripts["torch"])]
     if contender == "fastspawn-plain":
-        return [*fastspawn, "-n", str(nprocs), str(scripts["plain"])]
+        return [*launcher("fastspawn"), "-n", str(nprocs), str(scripts["plain"])]
     if contender == "torchrun":
-        torchrun = bindir / "torchrun"
-        base = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-        return [*base, "--nproc-per-node", str(nprocs), str(scripts["torch"])]
+        return [*launcher("torchrun"), "--nproc-per-node", str(nprocs), str(scripts["torch"])]
     if contender == "import-torch":
         return [sys.executable, "-c", IMPORT_TORCH]
     raise ValueError(contender)

@@ -41,11 +41,7 @@ def _warn_of_fork_with_threads(pid: int, forks: int) -> None:
     dropped."""
     if sys.version_info < (3, 12):
         return
-    try:
-        threads = len(os.listdir("/proc/self/task"))  # every thread, native ones too
-    except OSError:
-        threads = threading.active_count()
-    if threads > 1:
+    if _zygote._thread_count() > 1:  # every thread, native ones too
         for _ in range(forks):
             try:
                 warnings.warn(
