@@ -2,6 +2,7 @@
 
     import fastspawn
     fastspawn.spawn(fn, args=(world_size,), nprocs=4)   # fn(i, *args) in 4 processes
+    ProcessPoolExecutor(mp_context=fastspawn.get_context())  # any pool, on the zygote
 
 The public names are loaded on first use, so that a child's bootstrap (which imports
 ``fastspawn._child``) does not pay for the parent-side machinery.
@@ -14,6 +15,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ENV_VAR_PARALLEL_START": "._api",
+    "FastspawnContext": "._context",
+    "SpawnProcess": "._context",
+    "get_context": "._context",
     "ProcessContext": "._api",
     "SpawnContext": "._api",
     "SpawnedProcess": "._api",
@@ -72,6 +76,11 @@ if TYPE_CHECKING:  # "x as x": exported names for type checkers (strict: no impl
         warmup as warmup,
     )
     from ._run import run as run
+    from ._context import (
+        FastspawnContext as FastspawnContext,
+        SpawnProcess as SpawnProcess,
+        get_context as get_context,
+    )
     from ._errors import (
         ProcessException as ProcessException,
         ProcessExitedException as ProcessExitedException,

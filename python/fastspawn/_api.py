@@ -129,7 +129,7 @@ class _Zygotes:
         warnings.warn(
             f"fastspawn: {reason}; starting each child in a fresh interpreter instead",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
     def shutdown(self) -> None:
@@ -804,23 +804,7 @@ def _launch(
         else:
             plain = _payload.is_plain(fn, args)
             payload, pass_fds = _payload.dumps_call(fn, args, plain)
-            preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
-            tracker_fd = _tracker_fd() if nprocs else None
-            if nprocs and use_zygote:
-                zygote = _zygotes.get(preparation)
-                if zygote is not None:
-                    run = _Run(nprocs, daemon)
-                    module = getattr(fn, "__module__", None)
-                    reason = zygote.spawn(
-                        run.group, specs, payload, pass_fds, tracker_fd,
-                        None if module == "__main__" else module, os.getpid(),
-                        envs, stdio.pairs, plain=plain,
-                    )
-                    if reason is not None:
-                        _zygotes.fallback_warning(zygote.key, reason)
-                        run = None
-            if run is None:
-                run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
+            run = _start_children(specs, daemon, payload, pass_fds, _module_of(fn), use_zygote, plain, envs, stdio)
         log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
         processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
         return ProcessContext(processes, [None] * nprocs)
@@ -828,6 +812,76 @@ def _launch(
         if run is not None:
             run.stop(0.0)
         raise
+
+
+def _module_of(fn: Any) -> Optional[str]:
+    """The module the zygote imports before it forks children that call ``fn`` (None
+    for the main module, which it imported at start, or when there is none)."""
+    module = getattr(fn, "__module__", None)
+    return module if isinstance(module, str) and module != "__main__" else None
+
+
+def _start_children(
+    specs: Sequence[_child.ChildSpec],
+    daemon: bool,
+    payload: bytes,
+    pass_fds: List[int],
+    fn_module: Optional[str],
+    use_zygote: bool,
+    plain: bool = False,
+    envs: Optional[Sequence[Mapping[str, str]]] = None,
+    stdio: Optional[_Stdio] = None,
+) -> _Run:
+    """Start one pristine child per spec, each running the pickled call ``payload``:
+    forked from the warm zygote when ``use_zygote`` and it can, else one fresh
+    interpreter each (warned once, see :meth:`_Zygotes.fallback_warning`). The one place
+    that picks, for every front end. Nothing is left running if it raises."""
+    nprocs = len(specs)
+    stdio = stdio if stdio is not None else _Stdio(None, nprocs)
+    preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
+    tracker_fd = _tracker_fd() if nprocs else None
+    run: Optional[_Run] = None
+    try:
+        if nprocs and use_zygote:
+            zygote = _zygotes.get(preparation)
+            if zygote is not None:
+                run = _Run(nprocs, daemon)
+                reason = zygote.spawn(
+                    run.group, specs, payload, pass_fds, tracker_fd, fn_module, os.getpid(),
+                    envs, stdio.pairs, plain=plain,
+                )
+                if reason is not None:
+                    _zygotes.fallback_warning(zygote.key, reason)
+                    run = None
+        if run is None:
+            run = _start_fresh(specs, daemon, payload, pass_fds, preparation, tracker_fd, envs, stdio)
+        return run
+    except BaseException:
+        if run is not None:
+            run.stop(0.0)
+        raise
+
+
+def start_process_object(process: Any) -> _Run:
+    """Start one child that runs the multiprocessing Process object ``process`` as a
+    spawned child runs it (its own ``_bootstrap``), forked from the warm zygote or in a
+    fresh interpreter (:func:`_start_children`). ``process`` is pickled as spawn pickles
+    it, so its arguments' fds (Queues, Pipes) reach the child."""
+    flush_std_streams()  # as multiprocessing does before starting a child
+    spec = _child.ChildSpec(
+        rank=0,
+        name=process.name,
+        identity=tuple(process._identity),
+        daemon=bool(process.daemon),
+        start_method="spawn",
+        parent_pid=process._parent_pid,
+        parent_name=process._parent_name,
+        tracker_fd=None,
+        process_object=True,
+    )
+    payload, pass_fds = _payload.dumps_call(process, ())
+    target = _module_of(getattr(process, "_target", None))
+    return _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
 
 
 def start_processes(

@@ -1,5 +1,9 @@
 """What every child runs: receive the call, run ``fn(i, *args)``, report failure, exit.
 
+A call is ``(fn, args)``; or, for a child of a multiprocessing context
+(``ChildSpec.process_object``), a pickled multiprocessing Process object, which runs its
+own ``_bootstrap`` as a spawned child's does.
+
 Three ways in, one body (:func:`_bootstrap`):
 - :func:`main`, in a fresh interpreter started by the engine, which reads its orders
   from the control pipe (start methods spawn/forkserver without the zygote);
@@ -40,6 +44,9 @@ class ChildSpec(NamedTuple):
     tracker_fd: Optional[int]
     fds: Tuple[int, ...] = ()  # where the parent's pass_fds are, in the child
     return_value: bool = False  # send fn's return value back on the result pipe
+    # The call is ``(process, ())``: a multiprocessing Process object, pickled as spawn
+    # pickles it, which the child runs as spawn's children do (its own _bootstrap).
+    process_object: bool = False
 
 
 # multiprocessing's exit step (util._exit_function: flush queues' feeder threads, end
@@ -106,10 +113,14 @@ def make_process(spec: ChildSpec, like: Any = None) -> Any:
 
 
 def make_processes(specs: Sequence[ChildSpec]) -> List[Any]:
-    """:func:`make_process` for all the ranks of one call."""
+    """:func:`make_process` for all the ranks of one call (None for a rank whose call
+    brings its own Process object)."""
     procs: List[Any] = []
     for spec in specs:
-        procs.append(make_process(spec, procs[0] if procs else None))
+        if spec.process_object:
+            procs.append(None)
+        else:
+            procs.append(make_process(spec, next((p for p in procs if p is not None), None)))
     return procs
 
 
@@ -121,8 +132,15 @@ def _bootstrap(
     ``process``: one made by :func:`make_process` beforehand. ``stdin``: a stream reading
     /dev/null made beforehand (the original stdin already closed): multiprocessing then
     has no stdin to replace, and the call starts with this one as ``sys.stdin``.
+
+    With ``spec.process_object``, ``call`` is ``(process, ())``: that Process object's own
+    ``_bootstrap`` runs (multiprocessing's semantics throughout: it replaces stdin,
+    prints an uncaught exception as ``Process <name>:`` and a traceback, returns 1).
     """
     fn, args = call
+    if spec.process_object:
+        process_obj: Any = fn
+        return int(process_obj._bootstrap(parent_sentinel=control_fd))
     proc = process if process is not None else make_process(spec)
     proc._args = (fn, spec.rank, args, result_fd, spec.return_value, stdin)
     if stdin is not None:

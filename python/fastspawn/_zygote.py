@@ -410,15 +410,22 @@ def _apply(context: Optional[Dict[str, Any]]) -> None:
     process.ORIGINAL_DIR = context["orig_dir"]  # type: ignore[attr-defined]
 
 
+_CONTEXT_MODULE = "fastspawn._context"
+
+
 def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
     """Fork the request's children; the reply (see the module's docstring)."""
     n = request["n"]
     # Once here rather than in every child: the zygote takes on the caller's context
     # (each request overwrites all of it), then imports fn's module in that context.
     _apply(request["context"])
-    module = request.get("fn_module")
-    if module and module not in sys.modules:
+    modules = [request.get("fn_module")]
+    if any(_child.ChildSpec(*spec).process_object for spec in request["specs"]):
+        modules.append(_CONTEXT_MODULE)  # where their Process objects' class lives
+    missing = [module for module in modules if module and module not in sys.modules]
+    for module in missing:
         _import(module)  # a failure shows up in the children, with its traceback
+    if missing:
         _settle()
     call = _load_plain_call(request)
     if _state.unfit is not None:
