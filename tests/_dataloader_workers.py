@@ -36,6 +36,10 @@ def init_worker(queue: Any, worker_id: int) -> None:
             "dataset": type(info.dataset).__name__,
         }
     )
+    # put() hands the report to a feeder thread: wait until it is in the pipe, so that a
+    # worker killed right after (test_killed_worker_...) has still delivered it.
+    queue.close()
+    queue.join_thread()
 
 
 class Items(Dataset):  # type: ignore[type-arg]
