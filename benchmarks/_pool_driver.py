@@ -10,8 +10,10 @@ once.
 Which pool start method is measured comes from the environment (``POOL_BENCH_CONTEXT``), so
 that the main module can act on it at its top: for ``fastspawn`` it calls
 ``fastspawn.get_context()`` before its heavy imports (what the README recommends: the zygote
-then imports the main module while this process does), for ``fastspawn-late`` the context
-is first asked for inside the timed region (the zygote starts cold there).
+then imports the main module while this process does); ``fastspawn-warm`` does the same
+and then waits, untimed, for the zygote to be ready (``fastspawn.warmup()``): what a pool
+created later in a program sees; for ``fastspawn-late`` the context is first asked for
+inside the timed region (the zygote starts cold there).
 
 Every time is a ``time.time()`` stamp; the orchestrator stamps the moment it started the
 process (``POOL_BENCH_LAUNCH``). Prints one JSON line on stdout. Spawn children import this
@@ -28,7 +30,7 @@ import warnings
 
 CONTEXT_VAR = "POOL_BENCH_CONTEXT"
 LAUNCH_VAR = "POOL_BENCH_LAUNCH"
-CONTEXTS = ["fastspawn", "fastspawn-late", "spawn", "forkserver", "fork"]
+CONTEXTS = ["fastspawn", "fastspawn-warm", "fastspawn-late", "spawn", "forkserver", "fork"]
 PPE_WORKERS = 8
 PPE_TASKS = 1000
 DL_WORKERS = 4
@@ -44,14 +46,22 @@ def context_name() -> str:
 def warm_if_early() -> None:
     """Called at the very top of the main modules: the README's recommendation for the
     ``fastspawn`` contender (start warming the zygote before the heavy imports)."""
-    if context_name() == "fastspawn":
+    if context_name() in ("fastspawn", "fastspawn-warm"):
         import fastspawn
 
         fastspawn.get_context()
 
 
+def wait_if_warm() -> None:
+    """Untimed, before the pool: ``fastspawn-warm`` waits until the zygote is ready."""
+    if context_name() == "fastspawn-warm":
+        import fastspawn
+
+        fastspawn.warmup()
+
+
 def get_context(name: str):  # type: ignore[no-untyped-def]
-    if name in ("fastspawn", "fastspawn-late"):
+    if name.startswith("fastspawn"):
         import fastspawn
 
         return fastspawn.get_context()
@@ -65,6 +75,7 @@ def run_ppe(tiny) -> dict:  # type: ignore[no-untyped-def]
     first result, the last result and the end of shutdown(wait=True)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    wait_if_warm()
     t0 = time.time()
     ctx = get_context(context_name())
     with ProcessPoolExecutor(max_workers=PPE_WORKERS, mp_context=ctx) as ex:
@@ -84,6 +95,7 @@ def run_dataloader(dataset) -> dict:  # type: ignore[no-untyped-def]
     its first batch and its end."""
     from torch.utils.data import DataLoader
 
+    wait_if_warm()
     t0 = time.time()
     ctx = get_context(context_name())
     loader = DataLoader(dataset, batch_size=DL_BATCH, num_workers=DL_WORKERS, persistent_workers=False,
