@@ -337,8 +337,7 @@ def render(cells: List[Cell], args: argparse.Namespace, info: Dict[str, Any], py
                 continue
             md.append(f"### Python {label}, {main} ({MAIN_LABEL[main]})")
             md.append("")
-            rows = [[CONTEXT_LABEL[c.context], *(cell_text(c, m) for m, _ in PPE_METRICS), runs(c)] for c in group]
-            md += table(["context", *(lbl for _, lbl in PPE_METRICS), "runs"], rows)
+            md += context_table(group, PPE_METRICS)
             md.append("")
     md.append("### Speed-ups of `fastspawn` (baseline median ÷ fastspawn median; > 1 = fastspawn faster)")
     md.append("")
@@ -372,8 +371,7 @@ def render(cells: List[Cell], args: argparse.Namespace, info: Dict[str, Any], py
             "The epoch columns are from `iter(loader)`; *3 epochs* is from the loader's creation."
         )
         md.append("")
-        rows = [[CONTEXT_LABEL[c.context], *(cell_text(c, m) for m, _ in DL_METRICS), runs(c)] for c in dl]
-        md += table(["context", *(lbl for _, lbl in DL_METRICS), "runs"], rows)
+        md += context_table(dl, DL_METRICS)
         md.append("")
         md.append("Speed-ups of `fastspawn` (baseline ÷ fastspawn):")
         md.append("")
@@ -399,8 +397,13 @@ def render(cells: List[Cell], args: argparse.Namespace, info: Dict[str, Any], py
     return "\n".join(md)
 
 
-def runs(cell: Cell) -> str:
-    return f"{len(cell.samples)}" + (f" ({len(cell.errors)} failed)" if cell.errors else "")
+def context_table(group: List[Cell], columns: List[Tuple[str, str]]) -> List[str]:
+    """One row per context: median (min–max) of each metric, and how many runs."""
+    rows = []
+    for c in group:
+        n = f"{len(c.samples)}" + (f" ({len(c.errors)} failed)" if c.errors else "")
+        rows.append([CONTEXT_LABEL[c.context], *(cell_text(c, m) for m, _ in columns), n])
+    return table(["context", *(lbl for _, lbl in columns), "runs"], rows)
 
 
 PLOT_COLORS = {"fastspawn": "#1f77b4", "fastspawn-warm": "#17becf", "fastspawn-late": "#9edae5", "spawn": "#d62728",
@@ -431,6 +434,10 @@ def write_plot(cells: List[Cell], pythons: List[Tuple[str, str]], info: Dict[str
     ]  # fmt: skip
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     for ax, (title, kind, name, groups) in zip(axes.flat, panels):
+        if not any(find(cells, py, main, kind, ctx) for py, main, _ in groups for ctx in contexts):
+            ax.set_axis_off()
+            ax.set_title(f"{title}: not measured", fontsize=10)
+            continue
         width = 0.8 / max(1, len(contexts))
         for j, ctx in enumerate(contexts):
             xs, ys = [], []

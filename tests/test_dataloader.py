@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import pickle
 import re
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -98,6 +98,21 @@ def expected_items(n: int, batch_size: int, num_workers: int) -> List[Dict[str, 
 
 def without_pids(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: v for k, v in item.items() if k not in ("pid", "is_shared")} for item in items]
+
+
+def iterate_until_error(ctx: Any, workers: Any, dataset: Any, error: type) -> Tuple[List[int], str, List[Dict[str, Any]]]:
+    """Iterate a 2-worker, batch-1 loader over ``dataset`` until it raises ``error``: the
+    indices received before, the error's text, and the workers' reports."""
+    w = workers(ctx)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=w.init_fn,
+                        multiprocessing_context=ctx)  # fmt: skip
+    got = []
+    with pytest.raises(error) as info:
+        for batch in loader:
+            got.append(batch["index"].item())
+    message = str(info.value)
+    del info
+    return got, message, w.collect(2)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -202,17 +217,7 @@ def test_tensor_shared_by_the_parent_is_written_by_workers(name: str, workers: A
 def test_worker_exception_is_reraised_by_dataloader(name: str, workers: Any) -> None:
     """A dataset raising in a worker: DataLoader re-raises the same type in the parent, with
     its own message naming the worker and the worker's traceback."""
-    ctx = get_ctx(name)
-    w = workers(ctx)
-    loader = DataLoader(dw.Raises(8, bad=3), batch_size=1, num_workers=2, worker_init_fn=w.init_fn,
-                        multiprocessing_context=ctx)  # fmt: skip
-    got = []
-    with pytest.raises(ValueError) as info:
-        for batch in loader:
-            got.append(batch["index"].item())
-    message = str(info.value)
-    del info
-    w.collect(2)
+    got, message, _ = iterate_until_error(get_ctx(name), workers, dw.Raises(8, bad=3), ValueError)
 
     assert got == [0, 1, 2]
     assert message.startswith("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback")
@@ -223,17 +228,7 @@ def test_worker_exception_is_reraised_by_dataloader(name: str, workers: Any) -> 
 @pytest.mark.parametrize("name", CONTEXTS)
 def test_killed_worker_is_reported_by_dataloader(name: str, workers: Any) -> None:
     """A worker killed by a signal: DataLoader notices and raises its RuntimeError naming the pid."""
-    ctx = get_ctx(name)
-    w = workers(ctx)
-    loader = DataLoader(dw.Dies(8, bad=3), batch_size=1, num_workers=2, worker_init_fn=w.init_fn,
-                        multiprocessing_context=ctx)  # fmt: skip
-    got = []
-    with pytest.raises(RuntimeError) as info:
-        for batch in loader:
-            got.append(batch["index"].item())
-    message = str(info.value)
-    del info
-    reports = w.collect(2)
+    got, message, reports = iterate_until_error(get_ctx(name), workers, dw.Dies(8, bad=3), RuntimeError)
 
     assert got == [0, 1, 2][: len(got)]  # how many arrive before DataLoader notices depends on timing
     match = re.fullmatch(r"DataLoader worker \(pid\(s\) (\d+)\) exited unexpectedly", message)
