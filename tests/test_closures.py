@@ -274,6 +274,20 @@ def test_patched_torch_spawn_takes_closures_and_torch_alone_does_not(queue):
         torch_mp.spawn(lambda i, q: q.put((i, fn(i))), args=(queue,), nprocs=2)
 
 
+def test_patched_torch_elastic_start_processes_takes_closures(tmp_path):
+    tem = pytest.importorskip("torch.distributed.elastic.multiprocessing")
+    fn = w.make_nested()
+    logs = tem.DefaultLogsSpecs(log_dir=str(tmp_path))
+    with fastspawn.patch_torch():
+        ctx = tem.start_processes("closures", lambda f: f(3), {0: (fn,), 1: (fn,)}, {0: {}, 1: {}}, logs)
+        try:
+            result = ctx.wait(timeout=CHILD_TIMEOUT)
+        finally:
+            ctx.close()
+    assert result is not None and not result.is_failed(), result
+    assert result.return_values == {0: w.expected("nested", 3), 1: w.expected("nested", 3)}
+
+
 @ZYGOTE
 def test_shared_tensors_next_to_a_closure(zygote):
     torch = pytest.importorskip("torch")

@@ -222,7 +222,7 @@ class _MainByName(ForkingPickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if _function_or_class(obj) and getattr(obj, "__module__", None) == "__main__":
-            raise _NeedsByValue(repr(obj))
+            raise _NeedsByValue()
         return NotImplemented
 
 
