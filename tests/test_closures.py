@@ -44,6 +44,14 @@ def _drain(queue, n):
     return sorted(queue.get() for _ in range(n))
 
 
+def _python(argv, zygote, stdin=None):
+    """Run ``python argv...`` with the zygote on or off; its completed process."""
+    env = dict(os.environ, FASTSPAWN_ZYGOTE="1" if zygote else "0", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, *argv], input=stdin, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT
+    )
+
+
 def _expected(name, n=2):
     return [(i, w.expected(name, i)) for i in range(n)]
 
@@ -163,13 +171,12 @@ if __name__ == "__main__":
 def test_cloudpickle_loaded_only_when_needed(zygote, main, tmp_path):
     code = _PROBE.format(here=HERE)
     if main == "-c":  # an interactive __main__ (its own functions would go by value)
-        argv = [sys.executable, "-c", code]
+        argv = ["-c", code]
     else:
         script = tmp_path / "probe.py"
         script.write_text(code)
-        argv = [sys.executable, str(script)]
-    env = dict(os.environ, FASTSPAWN_ZYGOTE="1" if zygote else "0", PYTHONUNBUFFERED="1")
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        argv = [str(script)]
+    out = _python(argv, zygote)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "parent before False",
@@ -197,12 +204,21 @@ if __name__ == "__main__":
 
 @ZYGOTE
 def test_python_c_main(zygote):
-    env = dict(os.environ, FASTSPAWN_ZYGOTE="1" if zygote else "0", PYTHONUNBUFFERED="1")
-    out = subprocess.run(
-        [sys.executable, "-c", _INTERACTIVE], env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT
-    )
+    out = _python(["-c", _INTERACTIVE], zygote)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "[0, 3] [1, 4]\n"
+
+
+def test_preparation_data_leaves_out_a_stdin_main():
+    probe = (
+        "from multiprocessing import spawn\n"
+        "from fastspawn import _payload\n"
+        "print(spawn.get_preparation_data('x').get('init_main_from_path', '').endswith('<stdin>'))\n"
+        "print('init_main_from_path' in _payload.preparation_data('x'))\n"
+    )
+    out = _python(["-"], True, stdin=probe)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "True\nFalse\n"  # multiprocessing's names the file; ours does not
 
 
 @pytest.mark.xfail(
@@ -211,10 +227,7 @@ def test_python_c_main(zygote):
 )
 @ZYGOTE
 def test_stdin_main(zygote):
-    env = dict(os.environ, FASTSPAWN_ZYGOTE="1" if zygote else "0", PYTHONUNBUFFERED="1")
-    out = subprocess.run(
-        [sys.executable, "-"], input=_INTERACTIVE, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT
-    )
+    out = _python(["-"], zygote, stdin=_INTERACTIVE)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "[0, 3] [1, 4]\n"
     assert "RuntimeWarning" not in out.stderr  # the zygote served it
