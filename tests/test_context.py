@@ -438,34 +438,65 @@ def test_getting_the_context_warms_the_zygote_in_the_background(tmp_path):
 
 EXIT_DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import multiprocessing, signal, sys, time
     import fastspawn
 
     def linger(seconds):
         time.sleep(seconds)
         print("non-daemon child done", flush=True)
 
+    def square(x):
+        return x * x
+
+    def ignore_sigterm():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(300)
+
     if __name__ == "__main__":
-        ctx = fastspawn.get_context()
+        which, pids_file = sys.argv[1:3]
+        ctx = fastspawn.get_context() if which == "fastspawn" else multiprocessing.get_context(which)
         daemon = ctx.Process(target=time.sleep, args=(300,), daemon=True)
         daemon.start()
         other = ctx.Process(target=linger, args=(0.2,))
         other.start()
-        with open(sys.argv[1], "w") as f:
-            f.write(f"{daemon.pid} {other.pid}")
-        print("main done", flush=True)
+        pool = ctx.Pool(2)                      # neither closed nor joined
+        print(pool.map(square, range(4)), flush=True)
+        manager = ctx.Manager()                 # not shut down
+        shared = manager.dict(a=1)
+        pids = [daemon.pid, other.pid, manager._process.pid] + [p.pid for p in pool._pool]
+        if "--stubborn" in sys.argv:
+            stubborn = ctx.Process(target=ignore_sigterm, daemon=True)
+            stubborn.start()
+            pids.append(stubborn.pid)
+        with open(pids_file, "w") as f:
+            f.write(" ".join(map(str, pids)))
+        print("main done", dict(shared), flush=True)
     """
 )
 
 
-def test_exit_ends_daemonic_children_and_waits_for_the_others(tmp_path):
-    script, pids = tmp_path / "exits.py", tmp_path / "pids"
+def _run_exit_driver(tmp_path, which, *flags):
+    script, pids = tmp_path / "exits.py", tmp_path / f"pids-{which}"
     script.write_text(EXIT_DRIVER)
-    out = subprocess.run([sys.executable, str(script), str(pids)], capture_output=True, text=True, timeout=WAIT)
+    out = subprocess.run(
+        [sys.executable, str(script), which, str(pids), *flags], capture_output=True, text=True, timeout=WAIT
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["main done", "non-daemon child done"], out
-    for pid in map(int, pids.read_text().split()):
-        assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the program"
+    left = [pid for pid in map(int, pids.read_text().split()) if os.path.exists(f"/proc/{pid}")]
+    assert not left, f"children outlived the program: {left}"
+    return out.stdout
+
+
+def test_exit_ends_daemonic_children_pools_managers_and_waits_for_the_others(tmp_path):
+    ours = _run_exit_driver(tmp_path, "fastspawn")
+    assert ours.splitlines() == ["[0, 1, 4, 9]", "main done {'a': 1}", "non-daemon child done"], ours
+    assert ours == _run_exit_driver(tmp_path, "spawn")
+
+
+def test_exit_stops_a_daemonic_child_that_ignores_sigterm(tmp_path):
+    """multiprocessing's exit step would join it forever: fastspawn's stop kills it."""
+    ours = _run_exit_driver(tmp_path, "fastspawn", "--stubborn")
+    assert ours.splitlines()[-1] == "non-daemon child done", ours
 
 
 ORPHAN_DRIVER = textwrap.dedent(

@@ -881,7 +881,12 @@ def start_process_object(process: Any) -> _Run:
     )
     payload, pass_fds = _payload.dumps_call(process, ())
     target = _module_of(getattr(process, "_target", None))
-    return _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
+    run = _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
+    # Ended at exit by multiprocessing's own exit step, in its order (pools and managers
+    # are finalized first, then daemonic children are terminated, then all joined), not
+    # by _at_exit: see fastspawn._context.Popen.terminate.
+    _live_runs.discard(run)
+    return run
 
 
 def start_processes(
