@@ -8,6 +8,7 @@ by the test itself (or by the failing join), never waited out.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.resources
 import inspect
@@ -294,9 +295,9 @@ def test_sigint_to_a_child_counts_as_success(method, launch):
 def test_unpicklable_fn_or_arg_raises_the_picklers_error(method):
     from multiprocessing.reduction import ForkingPickler
 
-    local = lambda i: None  # noqa: E731 - a lambda is what cannot be pickled by reference
     lock = threading.Lock()
-    for fn, args, culprit in [(local, (), "fn="), (w.noop, (1, lock), "args[1]")]:
+    holds_lock = functools.partial(w.noop, lock)  # cannot pickle, by reference or by value
+    for fn, args, culprit in [(holds_lock, (), "fn="), (w.noop, (1, lock), "args[1]")]:
         with pytest.raises(Exception) as reference:
             ForkingPickler.dumps((fn, args))
         with pytest.raises(type(reference.value)) as info:

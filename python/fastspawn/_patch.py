@@ -13,6 +13,10 @@
   ``notebook_launcher``) starts its workers through :mod:`fastspawn.elastic` (except with
   ``numa_options``: fastspawn does no NUMA binding, torch's own starts those).
 
+The patched functions behave as torch's, except that they also take what torch's refuse
+to pickle: lambdas, closures, functions and classes defined in functions (sent by value,
+see ``fastspawn._payload.dumps_call``). Unpatched, torch is left as it is.
+
 A module of that list imported while the patch is on is patched as its import completes
 (an import hook on ``sys.meta_path``), so the patch never imports the elastic modules
 itself. ``unpatch_torch()`` puts torch's own objects back and removes the hook. Code that

@@ -15,7 +15,7 @@ import sys
 import types
 from multiprocessing import context as mp_context
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, BinaryIO, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 _LEN = struct.Struct("<Q")
 
@@ -112,9 +112,9 @@ class SpawningPopen:
         return len(self.fds) - 1
 
 
-def _dumps(obj: Any) -> bytes:
+def _dumps(obj: Any, pickler: Optional[Callable[[BinaryIO, int], pickle.Pickler]] = None) -> bytes:
     buf = io.BytesIO()
-    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    (pickler or ForkingPickler)(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
@@ -130,26 +130,154 @@ def _explain(exc: BaseException, where: str) -> BaseException:
 def dumps_call(fn: Callable[..., Any], args: Sequence[Any], plain: bool = False) -> Tuple[bytes, List[int]]:
     """Pickle ``(fn, args)`` as spawn does. Returns the bytes and the fds to pass on.
 
-    On failure raises the pickler's own exception type, naming ``fn`` or ``args[i]``.
-    ``plain`` (see :func:`is_plain`): nothing in the call needs multiprocessing's reducers.
+    A function or class that pickle cannot send by reference (see :func:`by_reference`),
+    at any depth, is sent by value with cloudpickle, which is imported only then; what
+    pickles today is pickled exactly as before (same bytes), by multiprocessing's
+    ``ForkingPickler``. On failure raises the pickler's own exception type, naming ``fn``
+    or ``args[i]``. ``plain`` (see :func:`is_plain`): nothing in the call needs
+    multiprocessing's reducers.
     """
+    call = (fn, tuple(args))
     if plain:
         try:
-            return pickle.dumps((fn, tuple(args)), pickle.HIGHEST_PROTOCOL), []
+            return pickle.dumps(call, pickle.HIGHEST_PROTOCOL), []
         except Exception:
             pass  # said again below, with the culprit named
-    popen = SpawningPopen()
-    mp_context.set_spawning_popen(popen)  # type: ignore[arg-type]  # a stand-in for its Popen
+    first: Optional[Callable[[BinaryIO, int], pickle.Pickler]] = None
+    if interactive_main():
+        first = _MainByName  # its functions are nowhere for a child to look them up
     try:
+        popen = SpawningPopen()
+        mp_context.set_spawning_popen(popen)  # type: ignore[arg-type]  # a stand-in for its Popen
         try:
-            return _dumps((fn, tuple(args))), popen.fds
+            return _dumps(call, first), popen.fds
+        except Exception:
+            pass  # perhaps something to send by value: the by-value pickler tries it all again
+        popen = SpawningPopen()  # what the failed attempt collected is not passed on
+        mp_context.set_spawning_popen(popen)  # type: ignore[arg-type]
+        pickler = by_value_pickler()
+        try:
+            return _dumps(call, pickler), popen.fds
         except Exception as exc:
-            culprit = _find_unpicklable(fn, args)
+            culprit = _find_unpicklable(fn, args, pickler)
             if culprit is None:
                 raise
             raise _explain(exc, f"{culprit} for the child processes") from exc
     finally:
         mp_context.set_spawning_popen(None)
+
+
+# ------------------------------------------------------- by reference or by value
+def interactive_main() -> bool:
+    """Whether ``__main__`` is a module a child cannot load again (``python -c``, a script
+    read from stdin, a REPL, a notebook): one neither imported by name nor run from a file.
+    Its functions and classes are sent by value."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(getattr(main, "__spec__", None), "name", None):
+        return False
+    path = getattr(main, "__file__", None)
+    return not isinstance(path, str) or not os.path.isfile(path)
+
+
+def by_reference(obj: Any) -> bool:
+    """Whether pickle's reference to function or class ``obj`` (its module and qualified
+    name) finds ``obj`` again in a child: the name leads back to this very object in its
+    module, and the module is not an interactive ``__main__``. Lambdas, functions and
+    classes defined in functions, and objects replaced or renamed in their module fail this;
+    they are what :func:`dumps_call` sends by value."""
+    name = getattr(obj, "__qualname__", None)
+    if not isinstance(name, str):
+        name = getattr(obj, "__name__", None)
+    if not isinstance(name, str) or "<" in name:  # <lambda>, <locals>
+        return False
+    module_name = getattr(obj, "__module__", None)
+    if not isinstance(module_name, str):  # made at run time with no module: by value
+        return False
+    if module_name == "__main__" and interactive_main():
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    found: Any = module
+    try:
+        for part in name.split("."):
+            found = getattr(found, part)
+    except AttributeError:
+        return False
+    return found is obj
+
+
+def _function_or_class(obj: Any) -> bool:
+    return isinstance(obj, (types.FunctionType, type))
+
+
+class _NeedsByValue(Exception):
+    """Raised by :class:`_MainByName` at the first object it must not send by name."""
+
+
+class _MainByName(ForkingPickler):
+    """multiprocessing's pickler, failing (to have it all pickled again by value) at the
+    first function or class of an interactive ``__main__``, which pickle would send by
+    a name the child cannot look up."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if _function_or_class(obj) and getattr(obj, "__module__", None) == "__main__":
+            raise _NeedsByValue()
+        return NotImplemented
+
+
+_by_value: Optional[Callable[[BinaryIO, int], pickle.Pickler]] = None
+
+
+def by_value_pickler() -> Callable[[BinaryIO, int], pickle.Pickler]:
+    """multiprocessing's ``ForkingPickler`` that sends by value (with cloudpickle) each
+    function and class that fails :func:`by_reference`, and everything else as
+    ``ForkingPickler`` does. Imports cloudpickle (once, on first use)."""
+    global _by_value
+    if _by_value is None:
+        _by_value = _make_by_value_pickler()
+    return _by_value
+
+
+def _make_by_value_pickler() -> Callable[[BinaryIO, int], pickle.Pickler]:
+    import abc
+    import copyreg
+    import dataclasses
+    import typing
+
+    import cloudpickle  # type: ignore[import-untyped]
+
+    # cloudpickle's reducers for what a function or class sent by value is made of (code,
+    # closure cells, the modules among its globals, descriptors in a class body), never
+    # its others (an open file or a memoryview keeps failing as pickle fails on it).
+    table = cloudpickle.Pickler.dispatch_table
+    wanted = [
+        types.CodeType, types.CellType, types.ModuleType, types.GetSetDescriptorType,
+        types.MappingProxyType, classmethod, staticmethod, property, abc.abstractmethod,
+        abc.abstractclassmethod, abc.abstractstaticmethod, abc.abstractproperty, typing.TypeVar,
+        getattr(dataclasses, "_FIELD_BASE", None),
+    ]
+    extra: Dict[Any, Any] = {kind: table[kind] for kind in wanted if kind is not None and kind in table}
+
+    class ByValuePickler(ForkingPickler):
+        """See :func:`by_value_pickler`."""
+
+        def __init__(self, file: BinaryIO, protocol: int) -> None:
+            super().__init__(file, protocol)
+            dispatch = copyreg.dispatch_table.copy()
+            dispatch.update(extra)
+            dispatch.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
+            self.dispatch_table = dispatch
+            # cloudpickle's own pickler makes the reductions of what goes by value (and
+            # keeps, for this one pickling, which functions share their globals).
+            self._cloudpickler = cloudpickle.Pickler(io.BytesIO(), protocol)
+
+        def reducer_override(self, obj: Any) -> Any:
+            if _function_or_class(obj) and not by_reference(obj):
+                return self._cloudpickler.reducer_override(obj)
+            return NotImplemented
+
+    return ByValuePickler
 
 
 _PLAIN_DATA = (type(None), bool, int, float, complex, str, bytes)
@@ -188,7 +316,23 @@ def _by_name(obj: Any) -> bool:
     if type(obj) not in (types.FunctionType, types.BuiltinFunctionType) and not isinstance(obj, type):
         return False
     name = getattr(obj, "__qualname__", "")
-    return bool(name) and "<" not in name and getattr(obj, "__self__", None) in (None, sys.modules.get(obj.__module__))
+    if not name or "<" in name or getattr(obj, "__self__", None) not in (None, sys.modules.get(obj.__module__)):
+        return False
+    return type(obj) is types.BuiltinFunctionType or by_reference(obj)
+
+
+def preparation_data(name: str) -> Dict[str, Any]:
+    """multiprocessing's preparation data for a child named ``name`` (as
+    ``multiprocessing.spawn.get_preparation_data``), without the main script's path when
+    ``__main__`` is interactive: a script read from stdin has ``__file__`` "<stdin>",
+    which multiprocessing takes for a file to run again in the child, and there is none
+    (its functions go by value instead, see :func:`dumps_call`)."""
+    from multiprocessing import spawn
+
+    data: Dict[str, Any] = spawn.get_preparation_data(name)
+    if interactive_main():
+        data.pop("init_main_from_path", None)
+    return data
 
 
 def dumps_preparation(data: Any) -> bytes:
@@ -200,11 +344,13 @@ def dumps_preparation(data: Any) -> bytes:
         mp_context.set_spawning_popen(None)
 
 
-def _find_unpicklable(fn: Callable[..., Any], args: Sequence[Any]) -> Optional[str]:
+def _find_unpicklable(
+    fn: Callable[..., Any], args: Sequence[Any], pickler: Callable[[BinaryIO, int], pickle.Pickler]
+) -> Optional[str]:
     candidates: List[Tuple[str, Any]] = [(f"fn={fn!r}", fn)] + [(f"args[{i}]", a) for i, a in enumerate(args)]
     for label, obj in candidates:
         try:
-            _dumps(obj)
+            _dumps(obj, pickler)
         except Exception:
             return label
     return None
