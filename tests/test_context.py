@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -395,6 +396,25 @@ def test_unpicklable_argument_fails_at_start_with_spawns_exception(path, unpickl
 
 
 # ------------------------------------------------------------------------ fastspawn only
+def test_closures_and_lambdas_as_targets(path):
+    """spawn cannot send them; fastspawn sends them by value (everything else as spawn)."""
+    ctx = fastspawn.get_context()
+    queue = ctx.Queue()
+    offset = 5
+
+    def closure(q, x):
+        q.put(x + offset)
+
+    results = []
+    for target in (closure, lambda q, x: q.put(x * 2)):
+        process = started(ctx, target, queue, 10)
+        results.append(queue.get(timeout=WAIT))
+        assert joined(process) == 0
+    assert results == [15, 20]
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        multiprocessing.get_context("spawn").Process(target=closure, args=(queue, 1)).start()
+
+
 def test_children_fork_from_the_zygote_or_start_fresh(path):
     ctx = fastspawn.get_context()
     queue = ctx.SimpleQueue()
