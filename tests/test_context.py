@@ -29,11 +29,10 @@ import pytest
 
 import _context_workers as w
 import fastspawn
+from _context_fixtures import WAIT, nothing_left_running  # noqa: F401 - autouse
 from fastspawn import _api
 
 pytestmark = pytest.mark.timeout(120)
-
-WAIT = 60  # seconds: a bound for what happens "at once"; never reached when all is well
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -44,17 +43,6 @@ def path(request, monkeypatch):
     if request.param == "fresh":
         monkeypatch.setenv("FASTSPAWN_ZYGOTE", "0")
     return request.param
-
-
-@pytest.fixture(autouse=True)
-def _nothing_left_running():
-    """Every test ends its children; anything still running fails it (and is killed)."""
-    yield
-    left = multiprocessing.active_children()
-    for process in left:
-        process.kill()
-        process.join(WAIT)
-    assert not left, f"processes left running: {left}"
 
 
 def contexts():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -15,10 +14,9 @@ import pytest
 
 import _context_workers as w
 import fastspawn
+from _context_fixtures import WAIT, nothing_left_running  # noqa: F401 - autouse
 
 pytestmark = pytest.mark.timeout(120)
-
-WAIT = 60  # seconds: a bound for what happens "at once"; never reached when all is well
 
 
 @pytest.fixture(params=["zygote", "fresh"])
@@ -28,32 +26,9 @@ def ctx(request, monkeypatch):
     return fastspawn.get_context()
 
 
-@pytest.fixture(autouse=True)
-def _no_worker_left():
-    """No worker outlives its test: those still running at the end fail it (and are killed)."""
-    yield
-    left = multiprocessing.active_children()
-    for process in left:
-        process.kill()
-        process.join(WAIT)
-    assert not left, f"workers left running: {left}"
-
-
-def _all_gone(pids):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
-            return True
-        time.sleep(0.02)  # reaped by the pool's own threads: nothing of ours to wait on
-    return False
-
-
-def _zombie(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+def _all_ended(processes):
+    """Whether every worker has exited and been reaped (its exit code is known)."""
+    return bool(processes) and all(process.exitcode is not None for process in processes)
 
 
 # ------------------------------------------------------------------------ ProcessPoolExecutor
@@ -68,8 +43,8 @@ def test_executor_results_and_exceptions(ctx):
         assert "raise KeyError(x)" in str(raised.value.__cause__)  # the worker's traceback
         pids = {executor.submit(w.pid_of_task).result(WAIT) for _ in range(6)}
         assert os.getpid() not in pids and 1 <= len(pids) <= 3
-        workers = set(executor._processes)
-    assert workers and _all_gone(workers)
+        workers = list(executor._processes.values())
+    assert _all_ended(workers)
 
 
 def test_executor_initializer(ctx):
@@ -86,12 +61,12 @@ def test_executor_failing_initializer_breaks_the_pool(ctx):
 def test_executor_worker_killed_breaks_the_pool(ctx):
     with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as executor:
         assert executor.submit(w.square, 3).result(WAIT) == 9
-        workers = set(executor._processes)
+        workers = list(executor._processes.values())
         with pytest.raises(BrokenProcessPool, match="terminated abruptly"):
             executor.submit(w.die_by_sigkill).result(WAIT)
         with pytest.raises(BrokenProcessPool):
             executor.submit(w.square, 1)
-    assert _all_gone(workers)
+    assert _all_ended(workers)
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child is new in Python 3.11")
@@ -102,7 +77,6 @@ def test_executor_max_tasks_per_child(ctx):
         pids = [executor.submit(w.pid_of_task).result(WAIT) for _ in range(8)]
     served = {pid: pids.count(pid) for pid in pids}
     assert max(served.values()) <= 2 and len(served) >= 4, served
-    assert _all_gone(served)
 
 
 def test_executor_accepts_max_tasks_per_child_as_for_spawn():
@@ -122,10 +96,10 @@ def test_pool_map_imap_apply(ctx):
         assert sorted(pool.imap_unordered(w.square, range(5), chunksize=2)) == [0, 1, 4, 9, 16]
         assert pool.apply_async(w.square, (7,)).get(WAIT) == 49
         assert pool.starmap(pow, [(2, 3), (3, 2)]) == [8, 9]
-        workers = [p.pid for p in pool._pool]
+        workers = list(pool._pool)
         pool.close()
         pool.join()
-    assert _all_gone(workers)
+    assert _all_ended(workers)
 
 
 def test_pool_failing_task(ctx):
@@ -154,7 +128,7 @@ def test_pool_terminate_stops_busy_workers(ctx):
         try:
             blocker = manager.Event()
             pending = [pool.apply_async(w.block_on, (blocker,)) for _ in range(2)]
-            workers = [p.pid for p in pool._pool]
+            workers = list(pool._pool)
             pool.terminate()
             pool.join()
             assert not any(result.ready() and result.successful() for result in pending)
@@ -162,4 +136,4 @@ def test_pool_terminate_stops_busy_workers(ctx):
             manager.shutdown()
     finally:
         pool.terminate()
-    assert _all_gone(workers)
+    assert _all_ended(workers)
