@@ -185,6 +185,22 @@ def test_join_timeout_sentinel_and_close(path):
     assert seen["sentinel_ready"] == [] and seen["sentinel_after"] is True
 
 
+def test_close_releases_the_processs_descriptors(path):
+    def scenario(ctx):
+        def start_join_close():
+            process = started(ctx, w.return_value)
+            joined(process)
+            process.close()
+
+        start_join_close()  # what the first start sets up for good (resource tracker...)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            start_join_close()
+        return len(os.listdir("/proc/self/fd")) - before
+
+    assert both(scenario) == 0
+
+
 def test_start_twice_and_before_start(path):
     def scenario(ctx):
         process = ctx.Process(target=w.return_value)
