@@ -428,6 +428,19 @@ def test_children_fork_from_the_zygote_or_start_fresh(path):
     assert from_zygote is (path == "zygote")
 
 
+def test_each_child_leads_its_own_process_group(path):
+    """Unlike spawn's (documented): what a child starts is stopped with it, and a
+    terminal's Ctrl-C reaches the parent only."""
+    ctx = fastspawn.get_context()
+    event = ctx.Event()
+    process = started(ctx, w.wait_event, event)
+    try:
+        assert os.getpgid(process.pid) == process.pid != os.getpgid(0)
+    finally:
+        event.set()
+        joined(process)
+
+
 def test_child_of_a_context_does_not_load_the_parent_side():
     out = subprocess.run(
         [sys.executable, "-c", "import sys, fastspawn._context; print('fastspawn._api' in sys.modules)"],
