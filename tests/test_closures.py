@@ -221,10 +221,6 @@ def test_preparation_data_leaves_out_a_stdin_main():
     assert out.stdout == "True\nFalse\n"  # multiprocessing's names the file; ours does not
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the preparation data still names the <stdin> main file: /work/coord/requests14-closures.md",
-)
 @ZYGOTE
 def test_stdin_main(zygote):
     out = _python(["-"], zygote, stdin=_INTERACTIVE)

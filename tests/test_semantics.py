@@ -1185,15 +1185,18 @@ def test_all_names():
     assert sorted(fastspawn.__all__) == sorted(
         [
             "ENV_VAR_PARALLEL_START",
+            "FastspawnContext",
             "ProcessContext",
             "ProcessException",
             "ProcessExitedException",
             "ProcessRaisedException",
             "SpawnContext",
+            "SpawnProcess",
             "SpawnedProcess",
             "UnknownExitStatus",
             "ZygoteError",
             "__version__",
+            "get_context",
             "patch_torch",
             "preload",
             "run",

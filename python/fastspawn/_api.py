@@ -172,7 +172,7 @@ def preload(modules: Sequence[str]) -> None:
 
 def warmup() -> None:
     """Start the zygote now (it otherwise starts on the first spawn)."""
-    _zygotes.get(mp_spawn.get_preparation_data("fastspawn-zygote"))
+    _zygotes.get(_payload.preparation_data("fastspawn-zygote"))
 
 
 class _Run:
@@ -838,7 +838,7 @@ def _start_children(
     that picks, for every front end. Nothing is left running if it raises."""
     nprocs = len(specs)
     stdio = stdio if stdio is not None else _Stdio(None, nprocs)
-    preparation = mp_spawn.get_preparation_data(specs[0].name if specs else "SpawnProcess")
+    preparation = _payload.preparation_data(specs[0].name if specs else "SpawnProcess")
     tracker_fd = _tracker_fd() if nprocs else None
     run: Optional[_Run] = None
     try:
@@ -881,7 +881,12 @@ def start_process_object(process: Any) -> _Run:
     )
     payload, pass_fds = _payload.dumps_call(process, ())
     target = _module_of(getattr(process, "_target", None))
-    return _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
+    run = _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
+    # Ended at exit by multiprocessing's own exit step, in its order (pools and managers
+    # are finalized first, then daemonic children are terminated, then all joined), not
+    # by _at_exit: see fastspawn._context.Popen.terminate.
+    _live_runs.discard(run)
+    return run
 
 
 def start_processes(

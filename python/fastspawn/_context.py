@@ -22,6 +22,7 @@ import signal
 import threading
 from multiprocessing import context as mp_context
 from multiprocessing import process as mp_process
+from multiprocessing import util as mp_util
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class Popen:
         from . import _api
 
         self.returncode: Optional[int] = None
+        self._daemon = bool(process_obj.daemon)
         self._run: Optional["_Run"] = _api.start_process_object(process_obj)
         self.pid: int = int(self._run.group.pid(0))
         # Readable once the child has exited (a pidfd): what multiprocessing.connection.wait,
@@ -76,7 +78,19 @@ class Popen:
             run.group.send_signal(0, sig)  # nothing once it has exited
 
     def terminate(self) -> None:
-        """SIGTERM to the child (nothing if it has exited)."""
+        """SIGTERM to the child (nothing if it has exited).
+
+        At interpreter exit multiprocessing terminates each daemonic child, then joins
+        it: there a daemonic child is stopped by fastspawn's one stop routine (SIGTERM, a
+        grace, SIGKILL, the engine's reaper for what cannot be reaped), so that the
+        join that follows never waits forever."""
+        run = self._run
+        if self._daemon and run is not None and self.returncode is None and getattr(mp_util, "_exiting", False):
+            from ._api import _SHUTDOWN_GRACE
+
+            run.stop(_SHUTDOWN_GRACE)
+            self._update()
+            return
         self._send_signal(signal.SIGTERM)
 
     def kill(self) -> None:

@@ -69,7 +69,7 @@ def hint(key: str, fn: Callable[..., Any], args: Tuple[Any, ...]) -> bool:
     ``fn(*args)`` (which imports what the coming calls need). Once per ``key``; returns
     whether this call queued work."""
     global _thread
-    from multiprocessing import spawn as mp_spawn
+    from . import _payload
 
     with _lock:
         if key in _hinted:
@@ -77,7 +77,7 @@ def hint(key: str, fn: Callable[..., Any], args: Tuple[Any, ...]) -> bool:
         _hinted.add(key)
         # The zygote starts with this process's state of now (sys.path...), not the
         # state when the thread gets to it.
-        _queue.append((mp_spawn.get_preparation_data("fastspawn-zygote"), fn, args))
+        _queue.append((_payload.preparation_data("fastspawn-zygote"), fn, args))
         if _thread is None:
             _thread = threading.Thread(target=_work, name="fastspawn-prewarm", daemon=True)
             _thread.start()
