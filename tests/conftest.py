@@ -7,7 +7,23 @@ every test twice, tests parametrized with ``method="forkserver"`` run with the z
 fork of the test process. test_zygote.py covers forkserver through the zygote.
 """
 
+import signal
+
 import pytest
+
+# The termination signals whose handlers an elastic start() replaces in the launching
+# process (torch's does the same): SignalException raisers that would reach fork children.
+ELASTIC_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """Restore the handlers of :data:`ELASTIC_HANDLED` after the test, for tests that start
+    elastic contexts in the test process."""
+    saved = {sig: signal.getsignal(sig) for sig in ELASTIC_HANDLED}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

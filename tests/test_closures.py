@@ -90,6 +90,7 @@ def test_spawn_start_processes_and_run(name, zygote, queue):
     assert _drain(queue, 2) == _expected(name)
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")  # start() installs handlers (as torch's does)
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])  # conftest: forkserver = fresh
 def test_elastic_front_end(method, tmp_path):
     names = CASES
@@ -283,6 +284,7 @@ def test_patched_torch_spawn_takes_closures_and_torch_alone_does_not(queue):
         torch_mp.spawn(lambda i, q: q.put((i, fn(i))), args=(queue,), nprocs=2)
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")
 def test_patched_torch_elastic_start_processes_takes_closures(tmp_path):
     tem = pytest.importorskip("torch.distributed.elastic.multiprocessing")
     fn = w.make_nested()

@@ -46,16 +46,7 @@ FASTSPAWN = SimpleNamespace(tag="fastspawn", mod=fe, errors=fe_errors, method="f
 # fastspawn's own start method (the warm zygote) for the checks that do not involve torch
 ZYGOTE = SimpleNamespace(**{**vars(FASTSPAWN), "method": "spawn"})
 TORCH = SimpleNamespace(tag="torch", mod=te, errors=te_errors, method="fork", logger="torch.distributed.elastic")
-_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-
-
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """start() installs SignalException handlers (as torch does): undo that after each test."""
-    saved = {sig: signal.getsignal(sig) for sig in _HANDLED}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # start() installs handlers
 
 
 def _exited(pids):

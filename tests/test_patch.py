@@ -148,6 +148,7 @@ def test_patch_replaces_every_name_and_unpatch_restores_identity(torch_mp):
     assert_restored(torch_mp, saved)
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")  # both libraries' start() install handlers
 def test_patched_elastic_start_processes_is_fastspawns_but_torchs_with_numa_options(torch_mp, tmp_path):
     from torch.distributed.elastic import multiprocessing as tem
     from torch.numa.binding import AffinityMode, NumaOptions
@@ -162,17 +163,12 @@ def test_patched_elastic_start_processes_is_fastspawns_but_torchs_with_numa_opti
             context.close()
         return type(context).__module__
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
-    try:
-        with fastspawn.patch_torch():
-            assert start() == "fastspawn.elastic.api"
-            # NUMA binding: torch's own (here falling back to no binding: no GPU to bind to)
-            numa = NumaOptions(affinity_mode=AffinityMode.NODE, should_fall_back_if_binding_fails=True)
-            assert start(numa_options=numa) == "torch.distributed.elastic.multiprocessing.api"
-        assert start() == "torch.distributed.elastic.multiprocessing.api"
-    finally:  # both libraries' start() install handlers that raise SignalException
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with fastspawn.patch_torch():
+        assert start() == "fastspawn.elastic.api"
+        # NUMA binding: torch's own (here falling back to no binding: no GPU to bind to)
+        numa = NumaOptions(affinity_mode=AffinityMode.NODE, should_fall_back_if_binding_fails=True)
+        assert start(numa_options=numa) == "torch.distributed.elastic.multiprocessing.api"
+    assert start() == "torch.distributed.elastic.multiprocessing.api"
 
 
 def test_patch_is_idempotent(torch_mp):
