@@ -49,6 +49,10 @@ def wait_event(event):
     event.wait(LONG)
 
 
+def report_process_group(queue):
+    queue.put((os.getpid(), os.getpgid(0)))
+
+
 def put(queue, value):
     queue.put(value)
 

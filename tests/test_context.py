@@ -432,13 +432,12 @@ def test_each_child_leads_its_own_process_group(path):
     """Unlike spawn's (documented): what a child starts is stopped with it, and a
     terminal's Ctrl-C reaches the parent only."""
     ctx = fastspawn.get_context()
-    event = ctx.Event()
-    process = started(ctx, w.wait_event, event)
-    try:
-        assert os.getpgid(process.pid) == process.pid != os.getpgid(0)
-    finally:
-        event.set()
-        joined(process)
+    queue = ctx.Queue()
+    process = started(ctx, w.report_process_group, queue)
+    # asked in the child, once it runs: start() may return before the child has set its group
+    pid, group = queue.get(timeout=WAIT)
+    assert joined(process) == 0
+    assert pid == process.pid == group != os.getpgid(0)
 
 
 def test_child_of_a_context_does_not_load_the_parent_side():
