@@ -234,10 +234,16 @@ def test_worker_exception_is_reraised_by_dataloader(name: str, workers: Any) -> 
     assert 'in __getitem__\n    raise ValueError(f"item {i} is bad")' in message
 
 
+# DataLoader raises its error from its SIGCHLD handler, wherever the main thread is: now and
+# then inside multiprocessing's fd transfer of an earlier batch, between socket.fromfd() and
+# the `with` that would close that socket (seen once in CI; either context can hit it). The socket is
+# then closed by the garbage collector, with a ResourceWarning that is not ours to fix.
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 @pytest.mark.parametrize("name", CONTEXTS)
 def test_killed_worker_is_reported_by_dataloader(name: str, workers: Any) -> None:
     """A worker killed by a signal: DataLoader notices and raises its RuntimeError naming the pid."""
     got, message, reports = iterate_until_error(get_ctx(name), workers, dw.Dies(8, bad=3), RuntimeError)
+    gc.collect()  # such a socket is closed here, under this test's warning filter
 
     assert got == [0, 1, 2][: len(got)]  # how many arrive before DataLoader notices depends on timing
     match = re.fullmatch(r"DataLoader worker \(pid\(s\) (\d+)\) exited unexpectedly", message)
