@@ -477,8 +477,8 @@ EXIT_DRIVER = textwrap.dedent(
     import multiprocessing, signal, sys, time
     import fastspawn
 
-    def linger(seconds):
-        time.sleep(seconds)
+    def linger(release):
+        release.wait(60)  # set as the main module ends: the exit must wait for what follows
         print("non-daemon child done", flush=True)
 
     def square(x):
@@ -493,7 +493,8 @@ EXIT_DRIVER = textwrap.dedent(
         ctx = fastspawn.get_context() if which == "fastspawn" else multiprocessing.get_context(which)
         daemon = ctx.Process(target=time.sleep, args=(300,), daemon=True)
         daemon.start()
-        other = ctx.Process(target=linger, args=(0.2,))
+        release = ctx.Event()
+        other = ctx.Process(target=linger, args=(release,))
         other.start()
         pool = ctx.Pool(2)                      # neither closed nor joined
         print(pool.map(square, range(4)), flush=True)
@@ -507,6 +508,7 @@ EXIT_DRIVER = textwrap.dedent(
         with open(pids_file, "w") as f:
             f.write(" ".join(map(str, pids)))
         print("main done", dict(shared), flush=True)
+        release.set()
     """
 )
 
