@@ -90,7 +90,12 @@ def _error_data(data):
         extra = message.get("extraInfo", {})
         extra.pop("timestamp", None)
         if "py_callstack" in extra:
-            extra["py_callstack"] = _LIBRARY_FRAME.sub("", extra["py_callstack"])
+            stack = _LIBRARY_FRAME.sub("", extra["py_callstack"])
+            if message.get("message", "").startswith("SignalException:"):
+                # Where a stopping signal lands in a rank is scheduling, not behaviour (a
+                # loaded machine can stop it a line before its wait): keep what was raised.
+                stack = stack.rstrip("\n").rsplit("\n", 1)[-1] + "\n"
+            extra["py_callstack"] = stack
     return data
 
 
