@@ -804,7 +804,7 @@ def _launch(
         else:
             plain = _payload.is_plain(fn, args)
             payload, pass_fds = _payload.dumps_call(fn, args, plain)
-            run = _start_children(specs, daemon, payload, pass_fds, _module_of(fn), use_zygote, plain, envs, stdio)
+            run = _start_children(specs, daemon, payload, pass_fds, _modules_of(fn), use_zygote, plain, envs, stdio)
         log.debug("fastspawn: %d %s children, watched via %s", nprocs, start_method, run.group.watch_mode)
         processes = [SpawnedProcess(run, i, spec.name, daemon) for i, spec in enumerate(specs)]
         return ProcessContext(processes, [None] * nprocs)
@@ -814,11 +814,15 @@ def _launch(
         raise
 
 
-def _module_of(fn: Any) -> Optional[str]:
-    """The module the zygote imports before it forks children that call ``fn`` (None
-    for the main module, which it imported at start, or when there is none)."""
-    module = getattr(fn, "__module__", None)
-    return module if isinstance(module, str) and module != "__main__" else None
+def _modules_of(*objects: Any) -> List[str]:
+    """The modules the zygote imports before it forks children that load ``objects``
+    (their ``__module__``s, leaving out the main module, which it imported at start)."""
+    modules: List[str] = []
+    for obj in objects:
+        module = getattr(obj, "__module__", None)
+        if isinstance(module, str) and module != "__main__" and module not in modules:
+            modules.append(module)
+    return modules
 
 
 def _start_children(
@@ -826,16 +830,17 @@ def _start_children(
     daemon: bool,
     payload: bytes,
     pass_fds: List[int],
-    fn_module: Optional[str],
+    modules: Sequence[str],
     use_zygote: bool,
     plain: bool = False,
     envs: Optional[Sequence[Mapping[str, str]]] = None,
     stdio: Optional[_Stdio] = None,
 ) -> _Run:
     """Start one pristine child per spec, each running the pickled call ``payload``:
-    forked from the warm zygote when ``use_zygote`` and it can, else one fresh
-    interpreter each (warned once, see :meth:`_Zygotes.fallback_warning`). The one place
-    that picks, for every front end. Nothing is left running if it raises."""
+    forked from the warm zygote (which imports ``modules`` first) when ``use_zygote`` and
+    it can, else one fresh interpreter each (warned once, see
+    :meth:`_Zygotes.fallback_warning`). The one place that picks, for every front end.
+    Nothing is left running if it raises."""
     nprocs = len(specs)
     stdio = stdio if stdio is not None else _Stdio(None, nprocs)
     preparation = _payload.preparation_data(specs[0].name if specs else "SpawnProcess")
@@ -847,7 +852,7 @@ def _start_children(
             if zygote is not None:
                 run = _Run(nprocs, daemon)
                 reason = zygote.spawn(
-                    run.group, specs, payload, pass_fds, tracker_fd, fn_module, os.getpid(),
+                    run.group, specs, payload, pass_fds, tracker_fd, modules, os.getpid(),
                     envs, stdio.pairs, plain=plain,
                 )
                 if reason is not None:
@@ -880,8 +885,9 @@ def start_process_object(process: Any) -> _Run:
         process_object=True,
     )
     payload, pass_fds = _payload.dumps_call(process, ())
-    target = _module_of(getattr(process, "_target", None))
-    run = _start_children([spec], spec.daemon, payload, pass_fds, target, _zygote_wanted("spawn", None))
+    # the target's module, and the one of the Process object's class (fastspawn._context)
+    modules = _modules_of(getattr(process, "_target", None), type(process))
+    run = _start_children([spec], spec.daemon, payload, pass_fds, modules, _zygote_wanted("spawn", None))
     # Ended at exit by multiprocessing's own exit step, in its order (pools and managers
     # are finalized first, then daemonic children are terminated, then all joined), not
     # by _at_exit: see fastspawn._context.Popen.terminate.

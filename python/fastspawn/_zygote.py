@@ -410,19 +410,13 @@ def _apply(context: Optional[Dict[str, Any]]) -> None:
     process.ORIGINAL_DIR = context["orig_dir"]  # type: ignore[attr-defined]
 
 
-_CONTEXT_MODULE = "fastspawn._context"
-
-
 def _serve_spawn(request: Dict[str, Any], fds: List[int], sock: socket.socket, owner: int) -> Dict[str, Any]:
     """Fork the request's children; the reply (see the module's docstring)."""
     n = request["n"]
     # Once here rather than in every child: the zygote takes on the caller's context
-    # (each request overwrites all of it), then imports fn's module in that context.
+    # (each request overwrites all of it), then imports the call's modules in that context.
     _apply(request["context"])
-    modules = [request.get("fn_module")]
-    if any(_child.ChildSpec(*spec).process_object for spec in request["specs"]):
-        modules.append(_CONTEXT_MODULE)  # where their Process objects' class lives
-    missing = [module for module in modules if module and module not in sys.modules]
+    missing = [module for module in request["modules"] if module not in sys.modules]
     for module in missing:
         _import(module)  # a failure shows up in the children, with its traceback
     if missing:
@@ -838,7 +832,7 @@ class Zygote:
         payload: bytes,
         pass_fds: Sequence[int],
         tracker_fd: Optional[int],
-        fn_module: Optional[str],
+        modules: Sequence[str],
         owner: int,
         rank_env: Optional[Sequence[Mapping[str, str]]] = None,
         rank_stdio: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
@@ -852,6 +846,7 @@ class Zygote:
 
         ``rank_env[i]``: variables laid over the caller's environment for rank i;
         ``rank_stdio[i]``: ``(caller fd, target)`` pairs that become rank i's stdio;
+        ``modules``: imported by the zygote before it forks (those the call loads);
         ``plain``: the payload may be unpickled once for all (see _payload.is_plain)."""
         n = len(specs)
         stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]
@@ -862,7 +857,7 @@ class Zygote:
             "specs": [tuple(s) for s in specs],
             "payload": payload,
             "plain": plain,
-            "fn_module": fn_module,
+            "modules": list(modules),
             "tracker": tracker_fd is not None,
             "stdio": stdio,
             "rank_stdio": [[target for _, target in pairs] for pairs in own],
